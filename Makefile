@@ -1,0 +1,83 @@
+# vrp-book: `make book` builds the whole default reproduction; `make test` runs the tests.
+# Every target is incremental: a second `make book` with nothing changed does nothing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+
+PYTHON_SYS ?= python3
+VENV := .venv
+PY := $(CURDIR)/$(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONHASHSEED := 0
+STAMP := .stamps
+MATHJAX_VERSION := 3.2.2
+
+PKG_SRC := $(shell find vrp_utils -name '*.py' 2>/dev/null)
+DATA_SRC := $(wildcard vrp_utils/data/*.py)
+ZOO_SRC := $(wildcard vrp_utils/models/*.py vrp_utils/models/adapters/*.py)
+NOTEBOOKS := $(wildcard notebooks/*.md)
+EXECUTED := $(patsubst notebooks/%.md,book/generated/%.ipynb,$(NOTEBOOKS))
+BOOK_PAGES := $(wildcard book/*.md) _config.yml _toc.yml
+
+BENCHMARK := data/benchmark/manifest.json
+ZOO := data/zoo/zoo.json
+MATHJAX := book/mathjax_root/mathjax/tex-chtml.js
+INDEX := _build/html/index.html
+
+.PHONY: all venv data models mathjax notebooks book test test-unit clean clean-book help
+all: book
+
+help:
+	@echo "make book   build benchmark, zoo, notebooks and the book (_build/html/index.html)"
+	@echo "make test   run the whole test suite (builds what the tests read first)"
+	@echo "make test-unit  fast tests only (no built data needed)"
+
+venv: $(STAMP)/venv
+$(STAMP)/venv: requirements.txt pyproject.toml
+	@mkdir -p $(STAMP)
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+data: $(BENCHMARK)
+$(BENCHMARK): $(STAMP)/venv $(DATA_SRC)
+	$(PY) -m vrp_utils.data build
+
+models: $(ZOO)
+$(ZOO): $(STAMP)/venv $(BENCHMARK) $(ZOO_SRC)
+	$(PY) -m vrp_utils.models.zoo build
+
+mathjax: $(MATHJAX)
+$(MATHJAX):
+	@mkdir -p .cache/npm book/mathjax_root
+	cd .cache/npm && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null
+	rm -rf .cache/npm/package book/mathjax_root/mathjax
+	tar -xzf .cache/npm/mathjax-$(MATHJAX_VERSION).tgz -C .cache/npm
+	cp -r .cache/npm/package/es5 book/mathjax_root/mathjax
+	cp .cache/npm/package/LICENSE book/mathjax_root/mathjax/LICENSE
+	@touch $@
+
+notebooks: $(EXECUTED)
+book/generated/%.ipynb: notebooks/%.md $(PKG_SRC) $(BENCHMARK) $(ZOO) $(STAMP)/venv
+	$(PY) -m vrp_utils.run $<
+
+book/generated/status.md: $(EXECUTED) vrp_utils/book.py
+	$(PY) -m vrp_utils.book status
+
+book: $(INDEX)
+$(INDEX): $(EXECUTED) book/generated/status.md $(BOOK_PAGES) $(MATHJAX) $(STAMP)/venv
+	$(PY) -m vrp_utils.book build
+	@touch $@
+
+test: book
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)/venv
+	$(PY) -m pytest -q -m "not built"
+
+clean-book:
+	rm -rf _build book/generated results/*.json runs
+
+clean: clean-book
+	rm -rf data/benchmark data/zoo data/features $(STAMP)

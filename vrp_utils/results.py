@@ -1,0 +1,70 @@
+"""Machine-readable results of a notebook.
+
+A notebook calls :func:`publish` with a JSON-serialisable dict; the value travels inside the
+executed notebook as a display output with its own MIME type, and the runner
+(:mod:`vrp_utils.run`) lifts it into ``results/<notebook>.json``. So a result file can only come
+from a notebook that ran to the end, and the number in the book and the number in the file are
+the same object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULTS_MIMETYPE = "application/vnd.vrp.results+json"
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy/pandas scalars and containers to plain JSON types (NaN -> None)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _jsonable(value.tolist())
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"result value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def publish(results: dict[str, Any]) -> None:
+    """Attach ``results`` to the running notebook's outputs (picked up by the runner)."""
+    from IPython.display import display
+
+    payload = _jsonable(results)
+    json.dumps(payload)  # fail here, in the notebook, if it cannot be written
+    display({RESULTS_MIMETYPE: payload, "text/plain": f"<{len(payload)} results published>"}, raw=True)
+
+
+def collect(notebook: Any) -> dict[str, Any]:
+    """Merge every published results payload of an executed notebook (later keys win)."""
+    merged: dict[str, Any] = {}
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if RESULTS_MIMETYPE in data:
+                merged.update(data[RESULTS_MIMETYPE])
+    return merged
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
