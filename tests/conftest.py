@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny POPE-style benchmark and tiny saved random-weight models of every family.
+
+Why: extraction tests must run the real ``transformers`` classes with their real processors, loaded the
+way the book loads them (``load_model(path)`` from a ``save_pretrained`` directory), yet stay cheap on a
+CPU. Everything is built once per test session into a temporary data directory laid out like ``data/``
+(``<data_dir>/benchmark``), so a subprocess can point ``VRP_DATA_DIR`` at it.
+
+Models (seeded, deterministic):
+
+- ``zoo-llava``, ``zoo-paligemma``, ``zoo-qwen2-vl``: ``build_untrained(ZOO[name])`` (zoo geometry:
+  64 px images, 64 / 64 / 16 image tokens, hidden 128, 4 layers, 4 heads).
+- ``paper-llava``, ``paper-paligemma``, ``paper-qwen2_vl``: ``build_family(..., geometry="paper")``
+  (the real checkpoints' image geometry: 576 / 256 / per-image image tokens; hidden 32, 1 layer).
+
+Every model's language-model query and key projections are scaled by :data:`ATTENTION_SHARPNESS`:
+at the random initialisation (std 0.02) attention rows are almost uniform, so a row read at the wrong
+position, step or head would still look right; scaled, rows are peaked and such mistakes show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+ZOO_MODELS = ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")
+PAPER_MODELS = ("paper-llava", "paper-paligemma", "paper-qwen2_vl")
+ALL_MODELS = ZOO_MODELS + PAPER_MODELS
+#: Factor on the LM's q/k projection weights (attention logits scale by its square).
+ATTENTION_SHARPNESS = 4.0
+PAPER_SEED = 21
+
+
+def _sharpen(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for layer in model.get_decoder().layers:
+            layer.self_attn.q_proj.weight.mul_(ATTENTION_SHARPNESS)
+            layer.self_attn.k_proj.weight.mul_(ATTENTION_SHARPNESS)
+
+
+def build_tiny_model(name: str, directory: Path) -> Path:
+    """Build the named tiny random-weight model and save it (model + processor) under ``directory / name``."""
+    from transformers import AutoModelForImageTextToText
+
+    from vrp_utils.data.benchmark import vocabulary
+    from vrp_utils.models import zoo
+    from vrp_utils.models.families import build_family
+
+    if name in zoo.ZOO:
+        model, processor, _ = zoo.build_untrained(zoo.ZOO[name])
+    elif name.startswith("paper-"):
+        config, processor = build_family(name.removeprefix("paper-"), vocabulary(), geometry="paper")
+        torch.manual_seed(PAPER_SEED)
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+    else:
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(ALL_MODELS)}")
+    _sharpen(model)
+    out = directory / name
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A data directory (as ``VRP_DATA_DIR``) holding a tiny benchmark: 4 eval images (24 questions per split)."""
+    from vrp_utils.data.benchmark import build_benchmark
+
+    root = tmp_path_factory.mktemp("vrp-data")
+    build_benchmark(root / "benchmark", n_eval_images=4, n_train_images=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark(tiny_data_dir: Path) -> Path:
+    return tiny_data_dir / "benchmark"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
+    """``tiny_model_dir(name) -> saved model directory``, built on first use and reused for the session."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_tiny_model(name, root)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    """``tiny_loaded(name) -> LoadedModel`` through ``load_model(path)``, cached; do not modify what it returns."""
+    from vrp_utils.models.loading import load_model
+
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_model(tiny_model_dir(name))
+        return cache[name]
+
+    return get

@@ -1,0 +1,251 @@
+"""POPE loader validation, answer parsing (official rule + strict), metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+from vrp_utils.data import benchmark as bm
+from vrp_utils.data.pope import (
+    AnswerParseError, LoadReport, PopeFormatError, load_benchmark, load_pope, load_train, parse_answer,
+    parse_object, pope_metrics,
+)
+
+
+# ------------------------------------------------------------------ answer parsing
+
+@pytest.mark.parametrize("text, expected", [
+    ("Yes", "yes"), ("No", "no"), ("no", "no"), ("yes.", "yes"),
+    ("No, there is not.", "no"), ("Yes, there is.", "yes"),
+    ("Not really", "yes"),               # "Not" is not one of the words No/no/not
+    ("Yes, there is no doubt.", "no"),   # negation anywhere in the first sentence
+    ("", "yes"),                         # no negation -> yes
+    ("Yes. No.", "yes"),                 # only the first sentence counts
+    ("No. Yes.", "no"),
+    ("Yes,no", "yes"),                   # commas are deleted (not split on): one word "Yesno"
+    ("Yes, no", "no"),                   # ... but here "no" stays a word
+    ("There is not a cup", "no"),
+    ("NO", "yes"), ("No!", "yes"), ("Nope", "yes"),  # case- and punctuation-sensitive words
+    ("I think, no", "no"),               # comma dropped, "no" is a word
+])
+def test_parse_answer_pope_rule(text: str, expected: str) -> None:
+    assert parse_answer(text) == expected
+    assert parse_answer(text, rule="pope") == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Yes", "yes"), ("yes.", "yes"), ("YES, there is.", "yes"), ("No, there is not.", "no"),
+    ("no!", "no"), ("  No\n", "no"), ("No. Yes.", "no"),
+])
+def test_parse_answer_strict(text: str, expected: str) -> None:
+    assert parse_answer(text, rule="strict") == expected
+
+
+@pytest.mark.parametrize("text", ["", "Not really", "There is a cup.", "Maybe yes", "Yesterday"])
+def test_parse_answer_strict_rejects(text: str) -> None:
+    with pytest.raises(AnswerParseError, match="yes/no"):
+        parse_answer(text, rule="strict")
+    assert parse_answer(text, rule="strict", on_fail="none") is None
+
+
+def test_parse_answer_bad_rule_and_type() -> None:
+    with pytest.raises(ValueError, match="rule"):
+        parse_answer("yes", rule="loose")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        parse_answer(None)  # type: ignore[arg-type]
+
+
+def test_parse_object() -> None:
+    assert parse_object("Is there a dining table in the image?") == "dining table"
+    assert parse_object("Is there an apple in the image?") == "apple"
+    for bad in ["Is there a in the image?", "Is the cup in the image?", "Is there a cup?", "cup"]:
+        with pytest.raises(ValueError, match="does not match"):
+            parse_object(bad)
+
+
+# ------------------------------------------------------------------ metrics
+
+def test_pope_metrics_by_hand() -> None:
+    labels = ["yes", "yes", "yes", "no", "no", "no"]
+    preds = ["yes", "yes", "no", "yes", "no", "no"]  # TP=2 FN=1 FP=1 TN=2
+    m = pope_metrics(labels, preds)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"], m["n"]) == (2, 1, 1, 2, 6)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(0.5)
+
+
+def test_pope_metrics_match_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["yes", "no"], 500).tolist()
+    preds = rng.choice(["yes", "no"], 500, p=[0.7, 0.3]).tolist()
+    m = pope_metrics(labels, preds)
+    y, p = np.array(labels) == "yes", np.array(preds) == "yes"
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["precision"] == pytest.approx(precision_score(y, p))
+    assert m["recall"] == pytest.approx(recall_score(y, p))
+    assert m["f1"] == pytest.approx(f1_score(y, p))
+    assert m["yes_ratio"] == pytest.approx(p.mean())
+
+
+def test_pope_metrics_edge_cases() -> None:
+    m = pope_metrics(["yes", "no"], ["no", "no"])  # nothing predicted yes: precision 0 by convention
+    assert m["precision"] == 0.0 and m["f1"] == 0.0 and m["accuracy"] == 0.5 and m["yes_ratio"] == 0.0
+    assert pope_metrics(["Yes", "NO"], ["yes", "no"])["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="predictions must be 'yes'/'no'"):
+        pope_metrics(["yes"], ["maybe"])
+    with pytest.raises(ValueError, match="length"):
+        pope_metrics(["yes", "no"], ["yes"])
+    with pytest.raises(ValueError, match="no examples"):
+        pope_metrics([], [])
+
+
+# ------------------------------------------------------------------ loader validation
+
+@pytest.fixture
+def pope_dir(tmp_path: Path) -> Path:
+    """A tiny COCO-like POPE folder: two good JPEGs, one corrupt image."""
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        Image.new("RGB", (32, 24), colour).save(images / f"COCO_val2014_{i:012d}.jpg")
+    good = images / "COCO_val2014_000000000000.jpg"
+    (images / "corrupt.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (images / "text.png").write_text("not an image")
+    return tmp_path
+
+
+def _row(qid: int, image: str = "COCO_val2014_000000000000.jpg", text: str = "Is there a dining table in the image?",
+         label: str = "yes", **extra: object) -> str:
+    return json.dumps({"question_id": qid, "image": image, "text": text, "label": label, **extra})
+
+
+GOOD = [_row(1, image_id=0), _row(2, label="no", text="Is there an umbrella in the image?"),
+        _row(3, image="COCO_val2014_000000000001.jpg", label="No")]
+
+BAD_ROWS = {
+    "missing key": json.dumps({"question_id": 9, "image": "COCO_val2014_000000000000.jpg", "label": "yes"}),
+    "bad label": _row(9, label="maybe"),
+    "missing image": _row(9, image="COCO_val2014_000000000099.jpg"),
+    "unreadable image": _row(9, image="corrupt.jpg"),
+    "malformed JSON": '{"question_id": 9, "image": ',
+    "bad question": _row(9, text="Is there a cup?"),
+    "duplicate question_id": _row(1, label="no"),
+    "bad question_id": json.dumps({"question_id": "nine", "image": "COCO_val2014_000000000000.jpg",
+                                   "text": "Is there a cup in the image?", "label": "yes"}),
+}
+
+
+def test_load_good_coco_style_file(pope_dir: Path) -> None:
+    q = pope_dir / "coco_pope_adversarial.json"
+    q.write_text("\n".join(GOOD) + "\n\n")  # trailing blank lines are fine
+    ds = load_pope(q, pope_dir / "val2014")
+    assert ds.column_names == ["question_id", "image_file", "image", "question", "label", "object", "setting", "boxes"]
+    assert ds["object"] == ["dining table", "umbrella", "dining table"]
+    assert ds["label"] == ["yes", "no", "no"]
+    assert set(ds["setting"]) == {"adversarial"} and ds["boxes"] == [[], [], []]
+    img = ds[2]["image"]
+    assert isinstance(img, Image.Image) and img.size == (32, 24)
+    assert load_pope(q, pope_dir / "val2014", setting="mine")["setting"][0] == "mine"
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_ROWS))
+def test_each_bad_row_raises_with_file_and_line(pope_dir: Path, problem: str) -> None:
+    q = pope_dir / "questions.jsonl"
+    q.write_text("\n".join(GOOD[:2] + [BAD_ROWS[problem]] + GOOD[2:]) + "\n")
+    with pytest.raises(PopeFormatError) as info:
+        load_pope(q, pope_dir / "val2014")
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.line == 3 and err.path == q and err.problem.startswith(problem)
+    assert str(q) in str(err) and "line 3" in str(err)
+
+
+def test_skip_counts_every_bad_row(pope_dir: Path) -> None:
+    q = pope_dir / "questions.jsonl"
+    q.write_text("\n".join(GOOD + list(BAD_ROWS.values())) + "\n")
+    ds, report = load_pope(q, pope_dir / "val2014", on_error="skip", return_report=True)
+    assert isinstance(report, LoadReport)
+    assert len(ds) == 3 and ds["question_id"] == [1, 2, 3]
+    assert (report.n_rows, report.n_loaded, report.n_skipped) == (3 + len(BAD_ROWS), 3, len(BAD_ROWS))
+    assert report.counts_by_problem() == {p: 1 for p in BAD_ROWS}
+    assert [e.line for e in report.skipped] == list(range(4, 4 + len(BAD_ROWS)))
+    assert f"{len(BAD_ROWS)} skipped" in report.summary()
+    with pytest.warns(UserWarning, match=f"{len(BAD_ROWS)} skipped"):  # without the report it is announced, not silent
+        assert len(load_pope(q, pope_dir / "val2014", on_error="skip")) == 3
+
+
+def test_image_that_is_not_an_image(pope_dir: Path) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text(_row(1, image="text.png") + "\n")
+    with pytest.raises(PopeFormatError, match="unreadable image"):
+        load_pope(q, pope_dir / "val2014")
+
+
+def test_json_array_input(pope_dir: Path) -> None:
+    q = pope_dir / "pope_popular.json"
+    q.write_text(json.dumps([json.loads(r) for r in GOOD], indent=2))
+    ds = load_pope(q, pope_dir / "val2014")
+    assert len(ds) == 3 and ds["setting"][0] == "popular"
+    q.write_text(json.dumps([json.loads(GOOD[0]), {"question_id": 2, "image": "x.jpg", "label": "yes"}]))
+    with pytest.raises(PopeFormatError, match=r"line 2: missing key: text"):
+        load_pope(q, pope_dir / "val2014")
+    q.write_text("[" + GOOD[0] + ",")
+    with pytest.raises(PopeFormatError, match="malformed JSON array"):
+        load_pope(q, pope_dir / "val2014")
+
+
+def test_boxes_are_attached_and_checked(pope_dir: Path) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text("\n".join(GOOD) + "\n")
+    boxes = pope_dir / "boxes.jsonl"
+    boxes.write_text(json.dumps({"image": "COCO_val2014_000000000000.jpg",
+                                 "objects": [{"category": "dining table", "bbox": [1, 2, 30.4, 20]}]}) + "\n")
+    with pytest.raises(PopeFormatError, match=r"line 3: missing boxes"):
+        load_pope(q, pope_dir / "val2014", boxes=boxes)
+    with pytest.warns(UserWarning, match="missing boxes: 1"):
+        ds = load_pope(q, pope_dir / "val2014", boxes=boxes, on_error="skip")
+    assert ds["boxes"][0] == [{"category": "dining table", "bbox": [1, 2, 30, 20]}]
+    boxes.write_text('{"image": "a.jpg", "objects": [{"category": "cup", "bbox": [1, 2]}]}\n')
+    with pytest.raises(PopeFormatError, match=r"boxes.jsonl, line 1: bad object"):
+        load_pope(q, pope_dir / "val2014", boxes=boxes)
+
+
+def test_missing_paths_and_bad_policy(pope_dir: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="question file"):
+        load_pope(pope_dir / "nope.jsonl", pope_dir / "val2014")
+    q = pope_dir / "q.jsonl"
+    q.write_text(GOOD[0] + "\n")
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        load_pope(q, pope_dir / "nowhere")
+    with pytest.raises(ValueError, match="on_error"):
+        load_pope(q, pope_dir / "val2014", on_error="ignore")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ round trip with the benchmark
+
+def test_round_trip_synthetic_benchmark(tmp_path: Path) -> None:
+    root = bm.build_benchmark(tmp_path / "b", n_eval_images=5, n_train_images=4, progress=False)
+    boxes = {json.loads(l)["image"]: json.loads(l) for l in (root / "boxes.jsonl").read_text().splitlines()}
+    for setting in bm.SETTINGS:
+        ds = load_benchmark(setting, root)
+        raw = [json.loads(l) for l in (root / f"pope_{setting}.jsonl").read_text().splitlines()]
+        assert len(ds) == len(raw) == 30
+        assert ds["question_id"] == [r["question_id"] for r in raw]
+        assert ds["question"] == [r["text"] for r in raw] and ds["label"] == [r["label"] for r in raw]
+        assert set(ds["setting"]) == {setting}
+        for row in ds.select(range(0, 30, 7)):
+            assert row["boxes"] == boxes[row["image_file"]]["objects"]
+            assert (row["object"] in {o["category"] for o in row["boxes"]}) == (row["label"] == "yes")
+            assert row["image"].size == (64, 64)
+            assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(root / "images" / row["image_file"])))
+    train = load_train(root)
+    assert len(train) == 24 and set(train["setting"]) == {"train"}
+    assert all(f.startswith("train_") for f in train["image_file"])
+    with pytest.raises(ValueError, match="setting"):
+        load_benchmark("train", root)

@@ -1,0 +1,346 @@
+"""Load POPE question files (official COCO ones or our synthetic benchmark), parse answers, score.
+
+One loader for both sources, so every downstream step sees the same columns:
+``question_id, image_file, image, question, label, object, setting, boxes``.
+
+Bad rows are never dropped silently: ``on_error="raise"`` (default) raises :class:`PopeFormatError`
+naming the file, the line and the problem; ``on_error="skip"`` skips the row and records it in a
+:class:`LoadReport`. Get the report with ``load_pope(..., return_report=True) -> (dataset, report)``;
+without it, skipped rows are announced with a ``warnings.warn`` carrying the report summary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, overload
+
+import datasets
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from vrp_utils.paths import BENCHMARK_DIR
+
+__all__ = [
+    "AnswerParseError", "LoadReport", "PopeFormatError", "FEATURES", "load_benchmark", "load_pope",
+    "load_train", "parse_answer", "parse_object", "pope_metrics",
+]
+
+ErrorPolicy = Literal["raise", "skip"]
+
+#: Column types of every loaded POPE dataset.
+FEATURES = datasets.Features({
+    "question_id": datasets.Value("int64"),
+    "image_file": datasets.Value("string"),
+    "image": datasets.Image(),
+    "question": datasets.Value("string"),
+    "label": datasets.Value("string"),
+    "object": datasets.Value("string"),
+    "setting": datasets.Value("string"),
+    "boxes": datasets.List({"category": datasets.Value("string"), "bbox": datasets.List(datasets.Value("int32"))}),
+})
+
+_REQUIRED_KEYS = ("question_id", "image", "text", "label")
+_QUESTION_RE = re.compile(r"^\s*Is there (?:a|an) (?P<object>.+?) in the image\?\s*$", re.IGNORECASE)
+_SETTING_RE = re.compile(r"(random|popular|adversarial)", re.IGNORECASE)
+
+
+class PopeFormatError(ValueError):
+    """A POPE question/boxes file has a bad row; the message names file, line and problem."""
+
+    def __init__(self, path: str | Path, line: int | None, problem: str):
+        self.path, self.line, self.problem = Path(path), line, problem
+        where = f"{path}" + (f", line {line}" if line is not None else "")
+        super().__init__(f"{where}: {problem}")
+
+
+class AnswerParseError(ValueError):
+    """The strict answer parser found no leading yes/no."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pope` read, kept and skipped (with ``on_error="skip"``)."""
+
+    questions_file: Path
+    n_rows: int = 0
+    n_loaded: int = 0
+    skipped: list[PopeFormatError] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def counts_by_problem(self) -> dict[str, int]:
+        """Skipped rows per kind of problem (the text before the first ':')."""
+        return dict(Counter(e.problem.split(":")[0] for e in self.skipped))
+
+    def summary(self) -> str:
+        text = f"{self.questions_file}: {self.n_loaded} of {self.n_rows} rows loaded, {self.n_skipped} skipped"
+        if self.skipped:
+            text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.counts_by_problem().items())) + ")"
+        return text
+
+
+def parse_object(question: str) -> str:
+    """The object of a POPE question, ``"Is there a dining table in the image?" -> "dining table"``.
+
+    Raises ``ValueError`` when the text is not of that form (so a typo never becomes a new object).
+    """
+    match = _QUESTION_RE.match(question)
+    if not match:
+        raise ValueError(f"question does not match 'Is there a/an <object> in the image?': {question!r}")
+    return match.group("object").strip()
+
+
+def _infer_setting(path: Path) -> str:
+    match = _SETTING_RE.search(path.stem)
+    return match.group(1).lower() if match else path.stem
+
+
+def _read_records(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON or the exception) for a JSON Lines file or a JSON array file.
+
+    Errors are returned, not raised, so the caller applies one error policy to every kind.
+    For a JSON array the "line" is the 1-based element index.
+    """
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as exc:  # one broken array: nothing to salvage row by row
+            raise PopeFormatError(path, exc.lineno, f"malformed JSON array: {exc.msg}") from exc
+        return list(enumerate(array, start=1))
+    records: list[tuple[int, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            records.append((lineno, exc))
+    return records
+
+
+def _check_image(path: Path) -> str | None:
+    """None if ``path`` is a readable image, else the problem. Decodes fully (verify() alone misses
+    truncated data)."""
+    if not path.is_file():
+        return f"missing image: {path}"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable image: {path} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _load_boxes(path: Path, on_error: ErrorPolicy, report: LoadReport) -> dict[str, list[dict]]:
+    """``image -> objects`` from a boxes JSONL (our sidecar format)."""
+    boxes: dict[str, list[dict]] = {}
+    for lineno, rec in _read_records(path):
+        try:
+            if isinstance(rec, Exception):
+                raise PopeFormatError(path, lineno, f"malformed JSON: {rec}")
+            if not isinstance(rec, dict) or "image" not in rec or "objects" not in rec:
+                raise PopeFormatError(path, lineno, "missing key: boxes rows need 'image' and 'objects'")
+            objects = []
+            for obj in rec["objects"]:
+                bbox = obj.get("bbox") if isinstance(obj, dict) else None
+                if (not isinstance(obj, dict) or not isinstance(obj.get("category"), str) or not isinstance(bbox, list)
+                        or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)):
+                    raise PopeFormatError(path, lineno, f"bad object: expected {{category, bbox: [x0,y0,x1,y1]}}, got {obj!r}")
+                objects.append({"category": obj["category"], "bbox": [int(round(v)) for v in bbox]})
+            boxes[str(rec["image"])] = objects
+        except PopeFormatError as err:
+            if on_error == "raise":
+                raise
+            report.skipped.append(err)
+    return boxes
+
+
+@overload
+def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | None = ...,
+              on_error: ErrorPolicy = ..., setting: str | None = ...,
+              return_report: Literal[False] = ...) -> datasets.Dataset: ...
+@overload
+def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | None = ...,
+              on_error: ErrorPolicy = ..., setting: str | None = ...,
+              *, return_report: Literal[True]) -> tuple[datasets.Dataset, LoadReport]: ...
+
+
+def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | None = None,
+              on_error: ErrorPolicy = "raise", setting: str | None = None,
+              return_report: bool = False) -> datasets.Dataset | tuple[datasets.Dataset, LoadReport]:
+    """Load a POPE question file (JSON Lines, or a JSON array) with its image folder.
+
+    Every row is validated: JSON syntax, required keys (``question_id, image, text, label``),
+    unique integer ``question_id``, label yes/no (any case; stored lowercase), question form (the
+    ``object`` column is parsed from it), image present and decodable, and boxes present for the
+    image when a ``boxes`` file is given. ``setting`` defaults to random/popular/adversarial found
+    in the file name, else the file stem. Extra keys (e.g. COCO's ``image_id``) are ignored.
+    The ``image`` column is a ``datasets.Image`` that decodes to ``PIL.Image`` on access.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    questions, image_dir = Path(questions), Path(image_dir)
+    if not questions.is_file():
+        raise FileNotFoundError(f"POPE question file not found: {questions}")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"POPE image folder not found: {image_dir}")
+    setting = setting if setting is not None else _infer_setting(questions)
+    report = LoadReport(questions)
+    box_map = _load_boxes(Path(boxes), on_error, report) if boxes is not None else None
+    image_status: dict[str, str | None] = {}
+    seen_ids: dict[int, int] = {}  # question_id -> line of the loaded row
+    columns: dict[str, list] = {name: [] for name in FEATURES}
+
+    for lineno, rec in _read_records(questions):
+        report.n_rows += 1
+        try:
+            if isinstance(rec, Exception):
+                raise PopeFormatError(questions, lineno, f"malformed JSON: {rec}")
+            if not isinstance(rec, dict):
+                raise PopeFormatError(questions, lineno, f"malformed row: expected a JSON object, got {type(rec).__name__}")
+            missing = [k for k in _REQUIRED_KEYS if k not in rec]
+            if missing:
+                raise PopeFormatError(questions, lineno, f"missing key: {', '.join(missing)}")
+            qid = rec["question_id"]
+            if isinstance(qid, bool) or not isinstance(qid, int):
+                raise PopeFormatError(questions, lineno, f"bad question_id: expected an integer, got {qid!r}")
+            if qid in seen_ids:
+                raise PopeFormatError(questions, lineno, f"duplicate question_id: {qid} (first on line {seen_ids[qid]})")
+            label = rec["label"]
+            if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
+                raise PopeFormatError(questions, lineno, f"bad label: expected 'yes' or 'no', got {label!r}")
+            text = rec["text"]
+            if not isinstance(text, str):
+                raise PopeFormatError(questions, lineno, f"bad question: text must be a string, got {text!r}")
+            try:
+                obj = parse_object(text)
+            except ValueError as exc:
+                raise PopeFormatError(questions, lineno, f"bad question: {exc}") from None
+            image_file = str(rec["image"])
+            if image_file not in image_status:
+                image_status[image_file] = _check_image(image_dir / image_file)
+            if image_status[image_file] is not None:
+                raise PopeFormatError(questions, lineno, image_status[image_file])
+            if box_map is not None and image_file not in box_map:
+                raise PopeFormatError(questions, lineno, f"missing boxes: {image_file} not in {boxes}")
+        except PopeFormatError as err:
+            if on_error == "raise":
+                raise
+            report.skipped.append(err)
+            continue
+        seen_ids[qid] = lineno
+        columns["question_id"].append(qid)
+        columns["image_file"].append(image_file)
+        columns["image"].append(str((image_dir / image_file).resolve()))
+        columns["question"].append(text)
+        columns["label"].append(label.strip().lower())
+        columns["object"].append(obj)
+        columns["setting"].append(setting)
+        columns["boxes"].append(box_map[image_file] if box_map is not None else [])
+        report.n_loaded += 1
+
+    dataset = datasets.Dataset.from_dict(columns, features=FEATURES)
+    if return_report:
+        return dataset, report
+    if report.skipped:
+        warnings.warn(f"load_pope skipped rows: {report.summary()}", stacklevel=2)
+    return dataset
+
+
+def load_benchmark(setting: str, root: str | Path = BENCHMARK_DIR, on_error: ErrorPolicy = "raise") -> datasets.Dataset:
+    """One evaluation split (``random``, ``popular`` or ``adversarial``) of the synthetic benchmark."""
+    if setting not in ("random", "popular", "adversarial"):
+        raise ValueError(f"setting must be random, popular or adversarial, got {setting!r}")
+    root = Path(root)
+    return load_pope(root / f"pope_{setting}.jsonl", root / "images", boxes=root / "boxes.jsonl",
+                     on_error=on_error, setting=setting)
+
+
+def load_train(root: str | Path = BENCHMARK_DIR, on_error: ErrorPolicy = "raise") -> datasets.Dataset:
+    """The training split of the synthetic benchmark (images disjoint from the evaluation ones)."""
+    root = Path(root)
+    return load_pope(root / "train.jsonl", root / "images", boxes=root / "boxes.jsonl", on_error=on_error,
+                     setting="train")
+
+
+@overload
+def parse_answer(text: str, rule: Literal["pope", "strict"] = ..., on_fail: Literal["raise"] = ...) -> str: ...
+@overload
+def parse_answer(text: str, rule: Literal["pope", "strict"] = ..., *, on_fail: Literal["none"]) -> str | None: ...
+
+
+def parse_answer(text: str, rule: Literal["pope", "strict"] = "pope",
+                 on_fail: Literal["raise", "none"] = "raise") -> str | None:
+    """Map a free-text answer to ``"yes"``/``"no"``.
+
+    ``rule="pope"`` is the official POPE evaluation rule (``evaluate.py``): keep the text before
+    the first ``"."``, delete commas, split on single spaces; the answer is ``"no"`` if any word is
+    exactly ``"No"``, ``"no"`` or ``"not"``, else ``"yes"``. Quirks kept on purpose, for
+    comparability with published numbers:
+
+    * anything without a negation word is "yes": ``""`` -> yes, ``"Maybe"`` -> yes;
+    * only the first sentence counts: ``"Yes. No."`` -> yes;
+    * negation anywhere in it counts: ``"Yes, there is no doubt."`` -> no;
+    * whole words only, case-sensitive: ``"Not really"`` -> yes, ``"NO"`` -> yes, ``"Nope"`` -> yes;
+    * split on single spaces, so ``"No!"``, ``"no?"`` or ``"No\\n"`` are not the word "no" -> yes.
+
+    ``rule="strict"``: the first word, lowercased with punctuation stripped, must be yes or no;
+    otherwise :class:`AnswerParseError` (or ``None`` with ``on_fail="none"``).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"answer must be a str, got {type(text).__name__}")
+    if rule == "pope":
+        first = text.split(".")[0] if "." in text else text
+        word_list = first.replace(",", "").split(" ")
+        return "no" if ("No" in word_list or "not" in word_list or "no" in word_list) else "yes"
+    if rule == "strict":
+        tokens = text.split()
+        first_word = re.sub(r"[^\w]", "", tokens[0]).lower() if tokens else ""
+        if first_word in ("yes", "no"):
+            return first_word
+        if on_fail == "none":
+            return None
+        raise AnswerParseError(f"answer does not start with yes/no: {text!r}")
+    raise ValueError(f"rule must be 'pope' or 'strict', got {rule!r}")
+
+
+def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict[str, float | int]:
+    """POPE's table: accuracy, precision, recall, F1 ("yes" is positive), yes_ratio, n, and counts.
+
+    Precision/recall/F1 with no predicted (or no actual) "yes" are 0.0, not an error or NaN
+    (``zero_division=0.0``) — a model answering always "no" gets F1 0.
+    """
+    y_true = _as_yes_no(labels, "labels")
+    y_pred = _as_yes_no(predictions, "predictions")
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"labels and predictions differ in length: {len(y_true)} vs {len(y_pred)}")
+    if len(y_true) == 0:
+        raise ValueError("no examples to score")
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, pos_label="yes", average="binary", zero_division=0.0)
+    (tn, fp), (fn, tp) = confusion_matrix(y_true, y_pred, labels=["no", "yes"])
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision": float(precision), "recall": float(recall), "f1": float(f1),
+        "yes_ratio": float(np.mean(y_pred == "yes")), "n": int(len(y_true)),
+        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+    }
+
+
+def _as_yes_no(values: Sequence[str], name: str) -> np.ndarray:
+    arr = np.asarray([str(v).strip().lower() for v in values], dtype=object)
+    bad = sorted({v for v in arr if v not in ("yes", "no")})
+    if bad:
+        raise ValueError(f"{name} must be 'yes'/'no', found {bad[:5]}")
+    return arr

@@ -1,0 +1,367 @@
+"""One extraction pass per example: answer, correctness, generation dynamics, attention, hidden states.
+
+Why one pass: every VRP analysis must read the *same* examples with the *same* correctness label,
+so the answer, the attention onto the image and the hidden states are recorded together, from one
+greedy generation, into a feature store on disk (:mod:`vrp_utils.extract.store`). Analyses never
+call the model again, except interventions (masking, sampling), which come back through
+:func:`run_batch`.
+
+What is recorded, per example (queries are the positions that *produce* answer tokens: the last
+prompt position, then each generated token fed back during greedy decoding):
+
+- ``answer``, ``parsed`` (POPE rule), ``correct``; ``yes_no_margin``: log P(yes-variants) -
+  log P(no-variants) at the first answer position; per generated token ``token_logprob``,
+  ``token_entropy`` and ``token_margin`` (top-1 minus top-2 log-probability); ``answer_length``.
+- ``attention`` ``[layers, heads, steps, image_tokens]`` float16: softmax rows over *all* keys,
+  gathered at the image tokens (found from ``input_ids`` by the family adapter), for step ``t`` =
+  the query producing generated token ``t``; steps after the end token are NaN.
+- ``hidden_last_prompt`` ``[layers, width]``: each decoder block's output at the last prompt
+  position (the one whose output is the first answer token); ``hidden_answer_mean``: mean of each
+  block's output over the answer tokens fed back while decoding (``n_answer_hidden`` of them: the
+  answer tokens before the end token; without an end token the last generated token is never fed
+  back, so one fewer). Never mixed across steps. Layer ``l`` is the raw output of decoder block
+  ``l``, so it equals ``model(..., output_hidden_states=True).hidden_states[l + 1]`` for every layer
+  but the last: transformers overwrites ``hidden_states[-1]`` with the final-normed
+  ``last_hidden_state`` (``tie_last_hidden_states``); the store keeps the last block's output before
+  the final norm, like every other layer.
+- the image's patch grid and the example's boxes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vrp_utils.extract.attention import AttentionRecorder
+from vrp_utils.extract.store import DEFAULT_CHUNK_SIZE, FeatureStore, store_path
+from vrp_utils.paths import STORE_DIR
+
+#: Bump when what a store contains, or how it is computed, changes.
+EXTRACTION_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """What one pass records and how (part of the store's identity)."""
+
+    max_new_tokens: int = 8
+    batch_size: int = 16
+    attention: bool = True
+    hidden: bool = True
+    answer_rule: str = "pope"
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def code_version() -> str:
+    """Extraction code identity: the version constant plus a hash of the code that computes features."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(EXTRACTION_VERSION.encode())
+    for path in sorted([*root.glob("extract/*.py"), *root.glob("models/adapters/*.py")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return f"{EXTRACTION_VERSION}-{digest.hexdigest()[:12]}"
+
+
+def dataset_fingerprint(dataset) -> str:
+    """Content hash of a POPE-style dataset: every row's fields and every image file's bytes."""
+    plain = dataset.cast_column("image", dataset.features["image"].__class__(decode=False))
+    digest = hashlib.sha256()
+    seen: dict[str, str] = {}
+    for row in plain:
+        image = row["image"]
+        key = image.get("path") or ""
+        if key not in seen:
+            if image.get("bytes") is not None or not key:
+                seen[key] = hashlib.sha256(image.get("bytes") or b"").hexdigest()
+            elif Path(key).is_file():
+                seen[key] = hashlib.sha256(Path(key).read_bytes()).hexdigest()
+            else:  # extraction records it as an error row; the fingerprint changes once the file appears
+                seen[key] = "missing-file"
+        fields = {k: v for k, v in row.items() if k != "image"}
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        digest.update(seen[key].encode())
+    return digest.hexdigest()[:16]
+
+
+def example_id(row: dict[str, Any]) -> str:
+    return f"{row.get('setting') or 'custom'}:{row['question_id']}"
+
+
+@dataclass
+class BatchOutput:
+    """Everything one greedy pass gave for a batch (numpy, per example)."""
+
+    records: list[dict[str, Any]]
+    arrays: list[dict[str, np.ndarray]]
+
+
+def _decoder_layers(model) -> Sequence[torch.nn.Module]:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise RuntimeError(f"{type(model).__name__}: language model has no `layers`; cannot read hidden states")
+    return layers
+
+
+@torch.no_grad()
+def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSettings) -> BatchOutput:
+    """Greedy generation on one batch with attention rows and hidden states recorded (no labels needed)."""
+    from vrp_utils.data.pope import parse_answer
+
+    model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
+    tokenizer = processor.tokenizer
+    inputs = adapter.build_inputs(processor, images, questions)
+    input_ids = inputs["input_ids"]
+    batch, prompt_length = input_ids.shape
+    key_positions = [adapter.image_token_positions(input_ids[i]) for i in range(batch)]
+    grids = [adapter.patch_grid(inputs, i) for i in range(batch)]
+    for i, (positions, grid) in enumerate(zip(key_positions, grids)):
+        if len(positions) != grid[0] * grid[1]:
+            raise RuntimeError(f"example {i}: {len(positions)} image tokens but a {grid} patch grid")
+
+    hidden_steps: list[list[torch.Tensor]] = []
+    hooks = []
+    if settings.hidden:
+        layers = _decoder_layers(model)
+
+        def hook(index: int):
+            def record(module, args, output) -> None:
+                states = output[0] if isinstance(output, tuple) else output
+                if index == 0:
+                    hidden_steps.append([])
+                hidden_steps[-1].append(states[:, -1, :].float().cpu())
+
+            return record
+
+        hooks = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        generation = adapter.generation_kwargs(processor, settings.max_new_tokens)
+        call = dict(**adapter.model_inputs(inputs), **generation, output_logits=True, return_dict_in_generate=True)
+        if settings.attention:
+            with AttentionRecorder(model, key_positions) as recorder:
+                output = model.generate(**call)
+            rows = recorder.rows()  # [B, steps, layers, heads, K]
+        else:
+            output = model.generate(**call)
+            rows = None
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+    generated = output.sequences[:, prompt_length:]
+    logits = torch.stack(output.logits, dim=1).float()  # [B, steps, V]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    yes_ids, no_ids = adapter.yes_no_token_ids(tokenizer)
+    eos = generation["eos_token_id"]
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    records, arrays = [], []
+    for i in range(batch):
+        tokens = generated[i].tolist()
+        length = next((t for t, tok in enumerate(tokens) if tok in eos_ids), len(tokens))
+        steps = min(len(tokens), length + 1)  # answer tokens plus the end token, if generated
+        chosen = torch.tensor(tokens[:steps])
+        lp = log_probs[i, :steps]
+        top2 = lp.topk(2, dim=-1).values
+        text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
+        record: dict[str, Any] = {
+            "answer": text,
+            "parsed": parse_answer(text, rule=settings.answer_rule),
+            "answer_length": length,
+            "yes_no_margin": float(torch.logsumexp(log_probs[i, 0, yes_ids], 0) - torch.logsumexp(log_probs[i, 0, no_ids], 0)),
+            "token_logprob": lp.gather(1, chosen[:, None]).squeeze(1).tolist(),
+            "token_entropy": (-(lp.exp() * lp).sum(-1)).tolist(),
+            "token_margin": (top2[:, 0] - top2[:, 1]).tolist(),
+            "grid_rows": grids[i][0],
+            "grid_cols": grids[i][1],
+            "image_width": images[i].size[0],
+            "image_height": images[i].size[1],
+        }
+        example_arrays: dict[str, np.ndarray] = {}
+        if rows is not None:
+            k = len(key_positions[i])
+            attention = torch.full((rows.shape[2], rows.shape[3], settings.max_new_tokens, k), float("nan"))
+            kept = min(steps, rows.shape[1])
+            attention[:, :, :kept] = rows[i, :kept, :, :, :k].permute(1, 2, 0, 3)
+            example_arrays["attention"] = attention.numpy().astype(np.float16)
+        if settings.hidden:
+            last_prompt = torch.stack(hidden_steps[0], dim=1)[i]  # [layers, width]
+            fed = [torch.stack(step, dim=1)[i] for step in hidden_steps[1 : 1 + length]]
+            example_arrays["hidden_last_prompt"] = last_prompt.numpy().astype(np.float32)
+            mean = torch.stack(fed).mean(0) if fed else torch.full_like(last_prompt, float("nan"))
+            example_arrays["hidden_answer_mean"] = mean.numpy().astype(np.float32)
+            record["n_answer_hidden"] = len(fed)
+        records.append(record)
+        arrays.append(example_arrays)
+    return BatchOutput(records, arrays)
+
+
+def _store_manifest(loaded, dataset_fp: str, settings: ExtractionSettings) -> dict[str, Any]:
+    return {
+        "model": loaded.name,
+        "model_fingerprint": loaded.fingerprint,
+        "model_type": loaded.model.config.model_type,
+        "dataset_fingerprint": dataset_fp,
+        "settings": asdict(settings),
+        "code_version": code_version(),
+    }
+
+
+def extract(
+    loaded,
+    dataset,
+    settings: ExtractionSettings = ExtractionSettings(),
+    root: Path = STORE_DIR,
+    progress: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> FeatureStore:
+    """Run (or resume) one extraction pass of ``loaded`` over ``dataset``; return the finished store.
+
+    ``chunk_size`` only sets how many examples are committed to disk at a time (what a killed run
+    loses); it is not part of the store's identity and does not change the final store.
+    """
+    dataset_fp = dataset_fingerprint(dataset)
+    manifest = _store_manifest(loaded, dataset_fp, settings)
+    path = store_path(root, loaded.fingerprint, dataset_fp, asdict(settings), manifest["code_version"])
+    ids = [example_id(row) for row in dataset.select_columns(["question_id", "setting"])]
+    if len(set(ids)) != len(ids):
+        raise ValueError("dataset has duplicate (setting, question_id) pairs; example ids must be unique")
+    if (path / "complete.json").is_file():
+        return FeatureStore.open(path, expect=manifest)
+    loaded.model.eval()
+    writer = FeatureStore.create_or_resume(path, manifest, ids, chunk_size=chunk_size)
+    with writer:
+        done = writer.done_ids()
+        todo = [i for i, eid in enumerate(ids) if eid not in done]
+        bar = tqdm(total=len(ids), initial=len(ids) - len(todo), unit="ex", desc=f"extract {loaded.name}", disable=not progress)
+        for start in range(0, len(todo), settings.batch_size):
+            indices = todo[start : start + settings.batch_size]
+            _extract_indices(loaded, dataset, indices, ids, settings, writer)
+            bar.update(len(indices))
+        bar.close()
+        return writer.finalize()
+
+
+def _row_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "question_id": row["question_id"],
+        "setting": row.get("setting") or "custom",
+        "image_file": row["image_file"],
+        "question": row["question"],
+        "object": row.get("object"),
+        "label": row["label"],
+        "boxes": json.dumps(row.get("boxes") or []),
+    }
+
+
+def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settings, writer) -> None:
+    """Extract a batch; an example that fails alone (bad image, processor error) becomes an error row."""
+    rows, images, good = [], [], []
+    for index in indices:
+        try:
+            row = dataset[index]
+        except Exception as error:  # a corrupt or missing image fails when datasets decodes it
+            fields = _undecoded_row(dataset, index)
+            reason = f"unreadable image {fields.get('image_file')}: {type(error).__name__}: {error}"
+            writer.add_error(ids[index], reason, _row_record(fields))
+            continue
+        try:
+            image = row["image"].convert("RGB")
+        except Exception as error:
+            writer.add_error(ids[index], f"unreadable image {row.get('image_file')}: {type(error).__name__}: {error}", _row_record(row))
+            continue
+        rows.append(row)
+        images.append(image)
+        good.append(index)
+    if not good:
+        return
+    try:
+        output = run_batch(loaded, images, [r["question"] for r in rows], settings)
+    except (ValueError, RuntimeError):
+        # Isolate the example that fails; a lone example fails the same way, so it becomes an error row
+        # whatever the batch size.
+        for index, row, image in zip(good, rows, images):
+            try:
+                single = run_batch(loaded, [image], [row["question"]], settings)
+            except (ValueError, RuntimeError) as error:
+                writer.add_error(ids[index], f"{type(error).__name__}: {error}", _row_record(row))
+                continue
+            _add(writer, ids[index], row, single.records[0], single.arrays[0])
+        return
+    for index, row, record, arrays in zip(good, rows, output.records, output.arrays):
+        _add(writer, ids[index], row, record, arrays)
+
+
+def _undecoded_row(dataset, index: int) -> dict[str, Any]:
+    """Row ``index`` without decoding its image (for the error row of an example whose image fails)."""
+    return dataset.select_columns([c for c in dataset.column_names if c != "image"])[index]
+
+
+def _add(writer, eid: str, row: dict[str, Any], record: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    full = {"id": eid, **_row_record(row), **record}
+    full["correct"] = bool(record["parsed"] == row["label"])
+    writer.add(full, arrays)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vrp_utils.extract", description="Run one extraction pass into a feature store.")
+    parser.add_argument("--model", required=True, help="zoo name, local directory, or hub id with local weights")
+    parser.add_argument("--split", default="adversarial", help="benchmark setting: random, popular, adversarial, or 'all'")
+    parser.add_argument("--questions", type=Path, help="a POPE question file instead of the embedded benchmark")
+    parser.add_argument("--image-dir", type=Path, help="with --questions: the image folder")
+    parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--max-new-tokens", type=int, default=ExtractionSettings.max_new_tokens)
+    parser.add_argument("--batch-size", type=int, default=ExtractionSettings.batch_size)
+    parser.add_argument("--out", type=Path, default=STORE_DIR)
+    parser.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="examples per committed chunk (not part of the store identity)"
+    )
+    args = parser.parse_args(argv)
+    from vrp_utils.data.pope import load_benchmark, load_pope
+    from vrp_utils.models.loading import load_model
+
+    try:
+        if args.questions:
+            if not args.image_dir:
+                raise ValueError("--questions needs --image-dir")
+            dataset = load_pope(args.questions, args.image_dir)
+        else:
+            dataset = load_split(args.split)
+        if args.limit is not None:
+            dataset = dataset.select(range(min(args.limit, len(dataset))))
+        loaded = load_model(args.model)
+        settings = ExtractionSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        started = time.time()
+        store = extract(loaded, dataset, settings, root=args.out, chunk_size=args.chunk_size)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    summary = store.summary()
+    print(f"{store.path}: {summary} in {time.time() - started:.1f} s")
+    return 0
+
+
+def load_split(split: str):
+    """One benchmark setting, or all three concatenated (``"all"``)."""
+    import datasets
+
+    from vrp_utils.data.pope import load_benchmark
+
+    if split == "all":
+        return datasets.concatenate_datasets([load_benchmark(s) for s in ("random", "popular", "adversarial")])
+    return load_benchmark(split)
