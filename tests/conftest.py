@@ -15,6 +15,9 @@ Models (seeded, deterministic):
 Every model's language-model query and key projections are scaled by :data:`ATTENTION_SHARPNESS`:
 at the random initialisation (std 0.02) attention rows are almost uniform, so a row read at the wrong
 position, step or head would still look right; scaled, rows are peaked and such mistakes show.
+Each saved ``generation_config`` suppresses the image placeholder tokens (:data:`PLACEHOLDER_ROLES`), as a
+trained model never emits them: random weights would, and a generated ``<image>`` makes the reference full
+forward over prompt + answer fail (more image tokens than image features).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ ALL_MODELS = ZOO_MODELS + PAPER_MODELS
 #: Factor on the LM's q/k projection weights (attention logits scale by its square).
 ATTENTION_SHARPNESS = 4.0
 PAPER_SEED = 21
+#: Special-token roles a model must not generate (image placeholders and their markers).
+PLACEHOLDER_ROLES = ("image", "video", "vision_start", "vision_end")
 
 
 def _sharpen(model: torch.nn.Module) -> None:
@@ -46,7 +51,7 @@ def build_tiny_model(name: str, directory: Path) -> Path:
 
     from vrp_utils.data.benchmark import vocabulary
     from vrp_utils.models import zoo
-    from vrp_utils.models.families import build_family
+    from vrp_utils.models.families import build_family, special_token_ids
 
     if name in zoo.ZOO:
         model, processor, _ = zoo.build_untrained(zoo.ZOO[name])
@@ -57,6 +62,8 @@ def build_tiny_model(name: str, directory: Path) -> Path:
     else:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(ALL_MODELS)}")
     _sharpen(model)
+    roles = special_token_ids(model.config.model_type)
+    model.generation_config.suppress_tokens = sorted(roles[r] for r in PLACEHOLDER_ROLES if r in roles)
     out = directory / name
     model.save_pretrained(out)
     processor.save_pretrained(out)
