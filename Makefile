@@ -21,10 +21,11 @@ BOOK_PAGES := $(wildcard book/*.md) _config.yml _toc.yml
 
 BENCHMARK := data/benchmark/manifest.json
 ZOO := data/zoo/zoo.json
+BASELINES := results/baselines.json
 MATHJAX := book/mathjax_root/mathjax/tex-chtml.js
 INDEX := _build/html/index.html
 
-.PHONY: all venv data models mathjax notebooks book test test-unit clean clean-book help
+.PHONY: all venv data models baselines readme mathjax notebooks book test test-unit clean clean-book help
 all: book
 
 help:
@@ -48,6 +49,14 @@ models: $(ZOO)
 $(ZOO): $(STAMP)/venv $(BENCHMARK) $(ZOO_SRC)
 	$(PY) -m vrp_utils.models.zoo build
 
+baselines: $(BASELINES)
+$(BASELINES): $(STAMP)/venv $(BENCHMARK) $(DATA_SRC)
+	$(PY) -m vrp_utils.data baselines
+
+# The README's zoo and baseline tables are generated from the build (a test checks they match).
+readme: $(ZOO) $(BASELINES)
+	$(PY) -m vrp_utils.readme
+
 mathjax: $(MATHJAX)
 $(MATHJAX):
 	@mkdir -p .cache/npm book/mathjax_root
@@ -66,7 +75,7 @@ book/generated/status.md: $(EXECUTED) vrp_utils/book.py
 	$(PY) -m vrp_utils.book status
 
 book: $(INDEX)
-$(INDEX): $(EXECUTED) book/generated/status.md $(BOOK_PAGES) $(MATHJAX) $(STAMP)/venv
+$(INDEX): $(EXECUTED) book/generated/status.md $(BOOK_PAGES) $(MATHJAX) $(BASELINES) $(STAMP)/venv
 	$(PY) -m vrp_utils.book build
 	@touch $@
 
@@ -77,7 +86,8 @@ test-unit: $(STAMP)/venv
 	$(PY) -m pytest -q -m "not built"
 
 clean-book:
-	rm -rf _build book/generated results/*.json runs
+	rm -rf _build book/generated runs
+	find results -maxdepth 1 -name '*.json' -delete
 
 clean: clean-book
 	rm -rf data/benchmark data/zoo data/features $(STAMP)

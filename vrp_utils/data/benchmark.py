@@ -89,6 +89,18 @@ _ASPECT: dict[str, float] = {
     "kite": 0.7, "knife": 0.26, "lamp": 0.7, "plate": 1.9, "tree": 0.8, "umbrella": 1.1,
 }
 
+#: How hard the scenes are: the fraction and pixel size of small objects, the size of the others,
+#: how many clutter strokes go behind / in front of the objects, and the pixel noise (std range).
+#: Tuned so that the tiny zoo models learn within their CPU budget yet still make errors.
+DIFFICULTY: dict[str, tuple[float, float] | float] = {
+    "small_fraction": 0.22,
+    "small_size": (9.0, 13.0),
+    "medium_size": (14.0, 25.0),
+    "clutter_behind": (3, 8),
+    "clutter_front": (0, 3),
+    "noise_std": (4.0, 14.0),
+}
+
 _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges that stay recognisable at 64 px
 _SPLIT_CODES = {"eval": 1, "train": 2}
 _STREAM_SCENE, _STREAM_RENDER, _STREAM_QUESTIONS = 0, 1, 2
@@ -195,7 +207,8 @@ def sample_scene(seed: int, split: str, index: int, image_size: int) -> SceneSpe
     placed: list[PlacedObject] = []
     for category in instances:
         # Mostly medium objects, some small ones (the hard positives).
-        size = float(rng.uniform(9.0, 13.0) if rng.random() < 0.22 else rng.uniform(14.0, 25.0)) * scale
+        small = rng.random() < DIFFICULTY["small_fraction"]
+        size = float(rng.uniform(*DIFFICULTY["small_size"]) if small else rng.uniform(*DIFFICULTY["medium_size"])) * scale
         max_overlap = 0.30
         for attempt in range(200):
             if attempt and attempt % 40 == 0:  # crowded: shrink and tolerate more overlap
@@ -544,7 +557,7 @@ def render_scene(spec: SceneSpec, seed: int, image_size: int) -> Image.Image:
     bg = np.broadcast_to(ramp[None, :, :] if vertical else ramp[:, None, :], (canvas, canvas, 3))
     img = Image.fromarray(np.ascontiguousarray(bg), "RGB")
     d = ImageDraw.Draw(img)
-    _draw_clutter(d, rng, canvas, int(rng.integers(3, 8)), thin=False)
+    _draw_clutter(d, rng, canvas, int(rng.integers(*DIFFICULTY["clutter_behind"])), thin=False)
     bg_mean = (c0 + c1) / 2
     width = max(1, int(round(s * image_size / 64)))
     for obj in spec.objects:
@@ -558,10 +571,10 @@ def render_scene(spec: SceneSpec, seed: int, image_size: int) -> Image.Image:
         pen = _Pen(fill=color, dark=_shade(color, 0.4), light=_tint(color, 0.65), width=width,
                    flip=bool(rng.random() < 0.5))
         _DRAWERS[obj.category](d, obj.box, pen)
-    _draw_clutter(d, rng, canvas, int(rng.integers(0, 3)), thin=True)
+    _draw_clutter(d, rng, canvas, int(rng.integers(*DIFFICULTY["clutter_front"])), thin=True)
     small = img.resize((image_size, image_size), Image.Resampling.BOX)
     arr = np.asarray(small, dtype=np.float64)
-    arr = arr + rng.normal(0.0, rng.uniform(4.0, 14.0), arr.shape)
+    arr = arr + rng.normal(0.0, rng.uniform(*DIFFICULTY["noise_std"]), arr.shape)
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
 
 

@@ -49,9 +49,13 @@ class ZooSpec:
     #: Curriculum stage 1: steps training the vision tower + projector alone to tell which object
     #: categories are present (multi-label, from the training boxes). Without it a from-scratch
     #: model sits at chance for minutes before the image starts to matter.
-    vision_steps: int = 300
+    vision_steps: int = 700
     vision_batch_size: int = 64
-    vision_learning_rate: float = 3e-3
+    vision_learning_rate: float = 2e-3
+    #: Curriculum stage 2 hint: also train the position of the asked object's word to predict the
+    #: answer (one extra labelled token per prompt; generation is unaffected). It gives the model a
+    #: one-hop path (word -> matching image tokens) before the answer position learns to read it.
+    object_word_hint: bool = True
     weight_decay: float = 0.01
     hidden: int = 128
     layers: int = 4
@@ -64,9 +68,9 @@ class ZooSpec:
 ZOO: dict[str, ZooSpec] = {
     spec.name: spec
     for spec in (
-        ZooSpec("zoo-llava", "llava", seed=11, steps=1100),
-        ZooSpec("zoo-paligemma", "paligemma", seed=12, steps=1100),
-        ZooSpec("zoo-qwen2-vl", "qwen2_vl", seed=13, steps=1100),
+        ZooSpec("zoo-llava", "llava", seed=11, steps=450),
+        ZooSpec("zoo-paligemma", "paligemma", seed=12, steps=450),
+        ZooSpec("zoo-qwen2-vl", "qwen2_vl", seed=13, steps=350),
     )
 }
 
@@ -186,20 +190,35 @@ def build_untrained(spec: ZooSpec):
     return model, processor, adapter_for(model.config)
 
 
+def _augment(image: Any, generator: np.random.Generator) -> Any:
+    """Presence-preserving augmentation: permute the colour channels, flip left-right.
+
+    Object colours are drawn independently of category, so a channel permutation is another
+    plausible scene with the same objects; without it the small vision tower memorises the
+    training images' colours within a few hundred steps.
+    """
+    from PIL import Image
+
+    pixels = np.asarray(image)[:, :, generator.permutation(3)]
+    if generator.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
 def pretrain_vision(model, processor, spec: ZooSpec, examples: TrainingExamples, progress: bool = True) -> dict[str, Any]:
     """Curriculum stage 1: teach the image features (vision tower + projector) which objects are present.
 
-    A linear head on the max over image tokens predicts the multi-hot category vector; the head is
-    thrown away afterwards. Cheap (no language model in the loop) and it gives stage 2 image
-    features in which every category is linearly visible, so the language model only has to learn
-    to look them up for the asked object.
+    A linear head on the max over image tokens predicts the multi-hot vector of categories in the
+    image (from the training boxes), on augmented images; the head is thrown away afterwards.
+    Cheap (no language model in the loop). Measured here: held-out macro AUROC of the head reaches
+    about 0.74 after 900 steps (80 s on 2 cores), against 0.69 without augmentation.
     """
     if spec.vision_steps <= 0:
         return {"vision_steps": 0}
     width = model.config.get_text_config().hidden_size
     head = torch.nn.Linear(width, examples.presence.shape[1])
-    parameters = [p for n, p in model.named_parameters() if not n.startswith(("model.language_model", "lm_head"))]
-    optimizer = torch.optim.AdamW([*parameters, *head.parameters()], lr=spec.vision_learning_rate, weight_decay=spec.weight_decay)
+    trained = [p for n, p in model.named_parameters() if not n.startswith(("model.language_model", "lm_head"))]
+    optimizer = torch.optim.AdamW([*trained, *head.parameters()], lr=spec.vision_learning_rate, weight_decay=spec.weight_decay)
     generator = np.random.default_rng(spec.seed + 1)
     targets = torch.from_numpy(examples.presence)
     losses = []
@@ -207,7 +226,8 @@ def pretrain_vision(model, processor, spec: ZooSpec, examples: TrainingExamples,
     model.train()
     for step in tqdm(range(spec.vision_steps), desc=f"vision {spec.name}", disable=not progress, mininterval=2.0):
         batch = generator.choice(len(examples.unique_images), size=spec.vision_batch_size, replace=False)
-        pixels = processor.image_processor([examples.unique_images[i] for i in batch], return_tensors="pt")
+        images = [_augment(examples.unique_images[i], generator) for i in batch]
+        pixels = processor.image_processor(images, return_tensors="pt")
         features = model.get_image_features(**pixels).pooler_output  # one [tokens, width] per image
         pooled = torch.stack([f.max(dim=0).values for f in features])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pooled), targets[batch])
@@ -216,7 +236,7 @@ def pretrain_vision(model, processor, spec: ZooSpec, examples: TrainingExamples,
         optimizer.step()
         losses.append(float(loss.detach()))
     return {"vision_steps": spec.vision_steps, "vision_seconds": round(time.time() - started, 1),
-            "vision_final_loss": round(float(np.mean(losses[-20:])), 4)}
+            "vision_final_loss": round(float(np.mean(losses[-50:])), 4)}
 
 
 def train(spec: ZooSpec, examples: TrainingExamples, progress: bool = True) -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -244,6 +264,8 @@ def train(spec: ZooSpec, examples: TrainingExamples, progress: bool = True) -> t
             [examples.questions[i] for i in batch],
             answers=[examples.answers[i] for i in batch],
         )
+        if spec.object_word_hint:
+            _add_object_word_hint(inputs, adapter, processor.tokenizer, [examples.questions[i] for i in batch])
         loss = model(**inputs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,6 +283,20 @@ def train(spec: ZooSpec, examples: TrainingExamples, progress: bool = True) -> t
         "loss_curve": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
     }
     return model, processor, adapter, log
+
+
+def _add_object_word_hint(inputs, adapter, tokenizer, questions: list[str]) -> None:
+    """Label the token after the asked object's word with the first answer token (see ZooSpec)."""
+    from vrp_utils.data.pope import parse_object
+
+    labels = inputs["labels"]
+    for row, question in enumerate(questions):
+        start = adapter.answer_start(inputs, row)
+        word = tokenizer(parse_object(question), add_special_tokens=False)["input_ids"][-1]
+        where = (inputs["input_ids"][row, :start] == word).nonzero().flatten()
+        if where.numel() == 0:
+            raise ValueError(f"object word of {question!r} not found in the prompt")
+        labels[row, int(where[-1]) + 1] = labels[row, start]
 
 
 @torch.no_grad()
