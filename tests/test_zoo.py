@@ -34,7 +34,7 @@ def tiny_examples(tiny_benchmark):
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_training_is_deterministic_and_changes_weights(name, tiny_examples):
-    spec = dataclasses.replace(zoo.ZOO[name], steps=3, vision_steps=2, batch_size=4, vision_batch_size=4, warmup_steps=1)
+    spec = dataclasses.replace(zoo.ZOO[name], steps=3, vision_steps=2, batch_size=4, vision_batch_size=2, warmup_steps=1)
     torch.set_num_threads(1)
     untrained = _weights_digest(zoo.build_untrained(spec)[0])
     first = zoo.train(spec, tiny_examples, progress=False)

@@ -225,7 +225,7 @@ def pretrain_vision(model, processor, spec: ZooSpec, examples: TrainingExamples,
     started = time.time()
     model.train()
     for step in tqdm(range(spec.vision_steps), desc=f"vision {spec.name}", disable=not progress, mininterval=2.0):
-        batch = generator.choice(len(examples.unique_images), size=spec.vision_batch_size, replace=False)
+        batch = generator.choice(len(examples.unique_images), size=min(spec.vision_batch_size, len(examples.unique_images)), replace=False)
         images = [_augment(examples.unique_images[i], generator) for i in batch]
         pixels = processor.image_processor(images, return_tensors="pt")
         features = model.get_image_features(**pixels).pooler_output  # one [tokens, width] per image
@@ -417,12 +417,14 @@ def _card_markdown(card: dict[str, Any]) -> str:
 def zoo_table(cards: dict[str, Any]) -> str:
     """Markdown table of the zoo (README and book)."""
     lines = [
-        "| model | class | parameters | training (s) | setting | accuracy | F1 | yes-ratio |",
+        "| model | class | parameters | training steps (vision + answer) | setting | accuracy | F1 | yes-ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, card in cards.items():
-        for i, (setting, m) in enumerate(card["metrics"].items()):
-            head = f"| {name} | {card['architecture']} | {card['parameters']:,} | {card['training']['train_seconds']} |" if i == 0 else "| | | | |"
+        for i, setting in enumerate(SETTINGS):
+            m = card["metrics"][setting]
+            steps = f"{card['training'].get('vision_steps', 0)} + {card['training']['steps']}"
+            head = f"| {name} | {card['architecture']} | {card['parameters']:,} | {steps} |" if i == 0 else "| | | | |"
             lines.append(f"{head} {setting} | {m['accuracy']:.3f} | {m['f1']:.3f} | {m['yes_ratio']:.3f} |")
     return "\n".join(lines)
 
