@@ -111,3 +111,20 @@ def test_readme_tables_match_the_build():
     from vrp_utils.readme import README, render
 
     assert render(README.read_text()) == README.read_text(), "run `make readme` and commit README.md"
+
+
+@pytest.mark.built
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_built_zoo_model_extracts_through_the_engine(name, tmp_path):
+    from vrp_utils.data.pope import load_benchmark
+    from vrp_utils.extract.engine import ExtractionSettings, extract
+    from vrp_utils.models.loading import load_model
+
+    loaded = load_model(name)
+    store = extract(loaded, load_benchmark("adversarial").select(range(3)), ExtractionSettings(max_new_tokens=4, batch_size=3),
+                    root=tmp_path, progress=False)
+    table = store.table()
+    assert store.summary()["n_ok"] == 3 and len(table) == 3
+    assert store.attention().shape[:3] == (3, loaded.model.config.get_text_config().num_hidden_layers,
+                                           loaded.model.config.get_text_config().num_attention_heads)
+    assert (table["n_image_tokens"] == table["grid_rows"] * table["grid_cols"]).all()
