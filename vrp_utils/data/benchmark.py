@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import PIL
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto would ask notebooks for ipywidgets
 
 import vrp_utils
 from vrp_utils.paths import BENCHMARK_DIR

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto would ask notebooks for ipywidgets
 
 from vrp_utils.extract.attention import AttentionRecorder
 from vrp_utils.extract.store import DEFAULT_CHUNK_SIZE, FeatureStore, store_path

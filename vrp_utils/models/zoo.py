@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto would ask notebooks for ipywidgets
 
 from vrp_utils.paths import BENCHMARK_DIR, ZOO_DIR
 from vrp_utils.results import write_json_atomic
