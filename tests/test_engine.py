@@ -527,3 +527,17 @@ def test_cli_extracts_and_rejects_unknown_model(tiny_model_dir, tiny_data_dir, t
     out, err = unknown.communicate(timeout=240)
     assert unknown.returncode != 0
     assert "error: Unknown zoo model 'no-such-model'" in err and "Traceback" not in err
+
+
+def test_a_model_without_capturable_attention_stops_the_run(tiny_model_dir, tiny_benchmark, tmp_path):
+    """A systematic capture failure must raise, not turn every example into an error row."""
+    from vrp_utils.data.pope import load_benchmark
+    from vrp_utils.extract.attention import AttentionCaptureError
+    from vrp_utils.extract.engine import ExtractionSettings, extract
+    from vrp_utils.models.loading import load_model
+
+    loaded = load_model(tiny_model_dir("zoo-llava"))
+    loaded.model.get_decoder().config._attn_implementation = "flex_attention"
+    with pytest.raises(AttentionCaptureError):
+        extract(loaded, load_benchmark("random", tiny_benchmark).select(range(2)),
+                ExtractionSettings(max_new_tokens=2, batch_size=2), root=tmp_path, progress=False)

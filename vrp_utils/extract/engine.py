@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm  # plain text bars: tqdm.auto would ask notebooks for ipywidgets
 
-from vrp_utils.extract.attention import AttentionRecorder
+from vrp_utils.extract.attention import AttentionCaptureError, AttentionRecorder
 from vrp_utils.extract.store import DEFAULT_CHUNK_SIZE, FeatureStore, store_path
 from vrp_utils.paths import STORE_DIR
 
@@ -292,12 +292,16 @@ def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settin
         return
     try:
         output = run_batch(loaded, images, [r["question"] for r in rows], settings)
+    except AttentionCaptureError:
+        raise  # the model cannot give faithful attention rows at all: stop, never record around it
     except (ValueError, RuntimeError):
         # Isolate the example that fails; a lone example fails the same way, so it becomes an error row
         # whatever the batch size.
         for index, row, image in zip(good, rows, images):
             try:
                 single = run_batch(loaded, [image], [row["question"]], settings)
+            except AttentionCaptureError:
+                raise
             except (ValueError, RuntimeError) as error:
                 writer.add_error(ids[index], f"{type(error).__name__}: {error}", _row_record(row))
                 continue
