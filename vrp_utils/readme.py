@@ -23,9 +23,11 @@ def zoo_block(zoo_json: Path = ZOO_DIR / "zoo.json") -> str:
     from vrp_utils.models.zoo import zoo_table
 
     cards = json.loads(zoo_json.read_text())["models"]
+    sizes = sorted({m["n"] for card in cards.values() for m in card["metrics"].values()})
     return (
         "The three tiny models the book's figures come from (trained by `make models`; POPE metrics of "
-        "greedy answers parsed with POPE's rule, 1,080 questions per setting):\n\n" + zoo_table(cards)
+        f"greedy answers parsed with POPE's rule, {' / '.join(f'{n:,}' for n in sizes)} questions per setting):\n\n"
+        + zoo_table(cards)
     )
 
 

@@ -51,6 +51,18 @@ from vrp_utils.paths import STORE_DIR
 EXTRACTION_VERSION = "1"
 
 
+class ExtractionSetupError(Exception):
+    """The model or adapter cannot be extracted from at all (not one bad example): stop the run.
+
+    Deliberately not a ValueError/RuntimeError, which mark per-example failures that become
+    counted error rows.
+    """
+
+
+#: Failures that stop a run instead of being recorded per example.
+_SYSTEMATIC = (AttentionCaptureError, ExtractionSetupError)
+
+
 @dataclass(frozen=True)
 class ExtractionSettings:
     """What one pass records and how (part of the store's identity)."""
@@ -114,7 +126,7 @@ class BatchOutput:
 def _decoder_layers(model) -> Sequence[torch.nn.Module]:
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
-        raise RuntimeError(f"{type(model).__name__}: language model has no `layers`; cannot read hidden states")
+        raise ExtractionSetupError(f"{type(model).__name__}: language model has no `layers`; cannot read hidden states")
     return layers
 
 
@@ -132,7 +144,7 @@ def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSe
     grids = [adapter.patch_grid(inputs, i) for i in range(batch)]
     for i, (positions, grid) in enumerate(zip(key_positions, grids)):
         if len(positions) != grid[0] * grid[1]:
-            raise RuntimeError(f"example {i}: {len(positions)} image tokens but a {grid} patch grid")
+            raise ExtractionSetupError(f"example {i}: {len(positions)} image tokens but a {grid} patch grid (adapter bug)")
 
     hidden_steps: list[list[torch.Tensor]] = []
     hooks = []
@@ -292,15 +304,15 @@ def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settin
         return
     try:
         output = run_batch(loaded, images, [r["question"] for r in rows], settings)
-    except AttentionCaptureError:
-        raise  # the model cannot give faithful attention rows at all: stop, never record around it
+    except _SYSTEMATIC:
+        raise  # e.g. the model cannot give faithful attention rows at all: stop, never record around it
     except (ValueError, RuntimeError):
         # Isolate the example that fails; a lone example fails the same way, so it becomes an error row
         # whatever the batch size.
         for index, row, image in zip(good, rows, images):
             try:
                 single = run_batch(loaded, [image], [row["question"]], settings)
-            except AttentionCaptureError:
+            except _SYSTEMATIC:
                 raise
             except (ValueError, RuntimeError) as error:
                 writer.add_error(ids[index], f"{type(error).__name__}: {error}", _row_record(row))
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="examples per committed chunk (not part of the store identity)"
     )
     args = parser.parse_args(argv)
-    from vrp_utils.data.pope import load_benchmark, load_pope
+    from vrp_utils.data.pope import load_pope
     from vrp_utils.models.loading import load_model
 
     try:
