@@ -1,0 +1,178 @@
+"""Zoo learnability diagnostic: after how many steps does a zoo model's answer stop being chance?
+
+**Claim tested (issue 3):** the zoo models sit at chance because the *language model* does not learn the
+question-conditioned lookup ("is the asked object among the image's objects?") within the training budget,
+not because perception is too hard. The control that separates the two: ``--inputs symbolic`` replaces every
+image token's embedding by the word embedding(s) of the categories whose box covers that patch (perfect
+perception, nothing left for the vision tower to learn), and trains the same model with the same loop and
+loss as ``vrp_utils.models.zoo.train``. If the symbolic control also stays at chance, a better vision stage
+cannot fix the zoo; the LM recipe has to change.
+
+Reported per evaluation: training loss, and the teacher-forced accuracy of the yes/no decision (yes vs no
+logits) at two places: the answer position (what generation uses) and the asked object's word (where the
+zoo's ``object_word_hint`` trains an early answer). Evaluation uses the held-out *random* split.
+
+    .venv/bin/python benchmarks/zoo_learnability.py --model zoo-llava --inputs symbolic --steps 450
+    .venv/bin/python benchmarks/zoo_learnability.py --model zoo-llava --inputs symbolic --steps 300 --batch-size 128
+    .venv/bin/python benchmarks/zoo_learnability.py --model zoo-llava --inputs symbolic --steps 300 --batch-size 128 \
+        --answer-forms first --threads 2
+
+Writes ``benchmarks/results/zoo_learnability-<model>-<inputs>-batch<B>[-first-form]-<steps>.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vrp_utils.data.benchmark import ANSWER_FORMS, CATEGORIES
+from vrp_utils.data.pope import load_benchmark, load_train, parse_object
+from vrp_utils.models import zoo
+from vrp_utils.paths import BENCHMARK_DIR
+from vrp_utils.results import write_json_atomic
+
+
+def patch_categories(adapter, inputs, row: int, boxes: list[dict], min_cover: float = 0.25) -> torch.Tensor:
+    """``[image tokens, categories]`` 0/1: category c covers at least ``min_cover`` of the patch (or of the box)."""
+    grid = adapter.patch_grid(inputs, row)
+    cells = torch.tensor(adapter.patch_boxes((64, 64), grid), dtype=torch.float32)
+    cell_area = (cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1])
+    column = {c: i for i, c in enumerate(CATEGORIES)}
+    covered = torch.zeros(len(cells), len(CATEGORIES))
+    for box in boxes:
+        x0, y0, x1, y1 = (float(v) for v in box["bbox"])
+        width = (torch.clamp(cells[:, 2], max=x1) - torch.clamp(cells[:, 0], min=x0)).clamp(min=0)
+        height = (torch.clamp(cells[:, 3], max=y1) - torch.clamp(cells[:, 1], min=y0)).clamp(min=0)
+        fraction = width * height / torch.clamp(cell_area, max=(x1 - x0) * (y1 - y0))
+        covered[fraction >= min_cover, column[box["category"]]] = 1.0
+    return covered
+
+
+def symbolic_embeddings(model, processor, adapter, inputs, boxes_per_row: list[list[dict]]) -> torch.Tensor:
+    """Input embeddings with each image token = its own embedding + the word embeddings of the patch's categories."""
+    embedding = model.get_input_embeddings()
+    words = torch.tensor([processor.tokenizer.convert_tokens_to_ids(c) for c in CATEGORIES])
+    embeds = embedding(inputs["input_ids"])
+    for row, boxes in enumerate(boxes_per_row):
+        positions = adapter.image_token_positions(inputs["input_ids"][row])
+        covered = patch_categories(adapter, inputs, row, boxes)
+        if len(positions) != len(covered):
+            raise RuntimeError(f"{len(positions)} image tokens but a patch grid of {len(covered)} cells")
+        embeds[row, positions] = embeds[row, positions] + covered @ embedding.weight[words]
+    return embeds
+
+
+def forward(model, processor, adapter, rows: dict, answers: list[str], inputs_kind: str, hint: bool):
+    images = [image.convert("RGB") for image in rows["image"]]
+    inputs = adapter.build_inputs(processor, images, rows["question"], answers=answers)
+    if hint:
+        zoo._add_object_word_hint(inputs, adapter, processor.tokenizer, rows["question"])
+    if inputs_kind == "symbolic":
+        embeds = symbolic_embeddings(model, processor, adapter, inputs, rows["boxes"])
+        output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+    else:
+        output = model(**inputs)
+    return inputs, output
+
+
+@torch.no_grad()
+def decision_accuracy(model, processor, adapter, dataset, inputs_kind: str, batch_size: int = 64) -> dict[str, float]:
+    """Teacher-forced yes/no accuracy at the answer position and at the asked object's word."""
+    yes_ids, no_ids = adapter.yes_no_token_ids(processor.tokenizer)
+    model.eval()
+    at_answer = at_word = 0
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        answers = [ANSWER_FORMS[label][0] for label in rows["label"]]
+        inputs, output = forward(model, processor, adapter, rows, answers, inputs_kind, hint=False)
+        for row, label in enumerate(rows["label"]):
+            answer_start = adapter.answer_start(inputs, row)
+            word = processor.tokenizer(parse_object(rows["question"][row]), add_special_tokens=False)["input_ids"][-1]
+            word_position = int((inputs["input_ids"][row, :answer_start] == word).nonzero().flatten()[-1])
+            for position, counter in ((answer_start - 1, "answer"), (word_position, "word")):
+                logits = output.logits[row, position]
+                said = "yes" if logits[yes_ids].max() > logits[no_ids].max() else "no"
+                if said == label:
+                    if counter == "answer":
+                        at_answer += 1
+                    else:
+                        at_word += 1
+    model.train()
+    return {"accuracy_at_answer": at_answer / len(dataset), "accuracy_at_object_word": at_word / len(dataset)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="zoo-llava", choices=list(zoo.ZOO))
+    parser.add_argument("--inputs", default="symbolic", choices=["symbolic", "pixels"])
+    parser.add_argument("--steps", type=int, default=450)
+    parser.add_argument("--every", type=int, default=150, help="evaluate every N steps")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the zoo spec's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the zoo spec's")
+    parser.add_argument("--answer-forms", default="all", choices=["all", "first"],
+                        help="train on every answer form (as the zoo does) or only the first ('Yes.' / 'No.')")
+    parser.add_argument("--eval-size", type=int, default=360, help="held-out random-split questions evaluated")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--benchmark", type=Path, default=BENCHMARK_DIR)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.every < 1:
+        parser.error("--steps and --every must be positive")
+    torch.set_num_threads(args.threads)
+
+    base = zoo.ZOO[args.model]
+    spec = dataclasses.replace(base, steps=args.steps, vision_steps=0,
+                               learning_rate=args.learning_rate or base.learning_rate,
+                               batch_size=args.batch_size or base.batch_size)
+    train = load_train(args.benchmark)
+    held_out = load_benchmark("random", args.benchmark)
+    held_out = held_out.select(range(0, len(held_out), max(1, len(held_out) // args.eval_size)))
+    model, processor, adapter = zoo.build_untrained(spec)
+    zoo._set_seed(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, zoo._lr_lambda(spec))
+    generator = np.random.default_rng(spec.seed)
+    history, losses = [], []
+    started = time.time()
+    model.train()
+    for step in tqdm(range(spec.steps), desc=f"{args.model} {args.inputs}", mininterval=5.0):
+        batch = sorted(generator.choice(len(train), size=min(spec.batch_size, len(train)), replace=False).tolist())
+        rows = train[batch]
+        forms = {label: ANSWER_FORMS[label] if args.answer_forms == "all" else ANSWER_FORMS[label][:1] for label in ANSWER_FORMS}
+        answers = [forms[label][int(generator.integers(len(forms[label])))] for label in rows["label"]]
+        _, output = forward(model, processor, adapter, rows, answers, args.inputs, spec.object_word_hint)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(output.loss.detach()))
+        if (step + 1) % args.every == 0 or step + 1 == spec.steps:
+            point = {"step": step + 1, "loss": round(float(np.mean(losses[-50:])), 4),
+                     **decision_accuracy(model, processor, adapter, held_out, args.inputs),
+                     "seconds": round(time.time() - started, 1)}
+            history.append(point)
+            tqdm.write(json.dumps(point))
+    result = {
+        "model": args.model, "inputs": args.inputs, "steps": spec.steps, "batch_size": spec.batch_size,
+        "learning_rate": spec.learning_rate, "answer_forms": args.answer_forms, "object_word_hint": spec.object_word_hint,
+        "eval_questions": len(held_out), "threads": args.threads, "machine": platform.machine(),
+        "history": history,
+    }
+    out = args.out or Path(__file__).parent / "results" / f"zoo_learnability-{args.model}-{args.inputs}-batch{spec.batch_size}{'-first-form' if args.answer_forms == 'first' else ''}-{spec.steps}.json"
+    write_json_atomic(out, result)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
