@@ -1,12 +1,11 @@
 """Zoo learnability diagnostic: after how many steps does a zoo model's answer stop being chance?
 
-**Claim tested (issue 3):** the zoo models sit at chance because the *language model* does not learn the
-question-conditioned lookup ("is the asked object among the image's objects?") within the training budget,
-not because perception is too hard. The control that separates the two: ``--inputs symbolic`` replaces every
-image token's embedding by the word embedding(s) of the categories whose box covers that patch (perfect
-perception, nothing left for the vision tower to learn), and trains the same model with the same loop and
-loss as ``vrp_utils.models.zoo.train``. If the symbolic control also stays at chance, a better vision stage
-cannot fix the zoo; the LM recipe has to change.
+**Claim tested (issue 3):** besides perception, the *language model's* question-conditioned lookup ("is the
+asked object among the image's objects?") is a wall of its own within the zoo's training budget. The control
+that separates the two: ``--inputs symbolic`` adds to every image token's embedding the word embedding(s) of
+the categories whose box covers that patch (perfect perception, nothing left for the vision tower to learn),
+and trains the same model with the same loop and loss as ``vrp_utils.models.zoo.train``. If the symbolic
+control also stays at chance, a better vision stage alone cannot fix the zoo; the LM recipe has to change.
 
 Reported per evaluation: training loss, and the teacher-forced accuracy of the yes/no decision (yes vs no
 logits) at two places: the answer position (what generation uses) and the asked object's word (where the
