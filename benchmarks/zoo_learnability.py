@@ -40,10 +40,11 @@ from vrp_utils.paths import BENCHMARK_DIR
 from vrp_utils.results import write_json_atomic
 
 
-def patch_categories(adapter, inputs, row: int, boxes: list[dict], min_cover: float = 0.25) -> torch.Tensor:
+def patch_categories(adapter, inputs, row: int, image_size: tuple[int, int], boxes: list[dict],
+                     min_cover: float = 0.25) -> torch.Tensor:
     """``[image tokens, categories]`` 0/1: category c covers at least ``min_cover`` of the patch (or of the box)."""
     grid = adapter.patch_grid(inputs, row)
-    cells = torch.tensor(adapter.patch_boxes((64, 64), grid), dtype=torch.float32)
+    cells = torch.tensor(adapter.patch_boxes(image_size, grid), dtype=torch.float32)
     cell_area = (cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1])
     column = {c: i for i, c in enumerate(CATEGORIES)}
     covered = torch.zeros(len(cells), len(CATEGORIES))
@@ -56,14 +57,15 @@ def patch_categories(adapter, inputs, row: int, boxes: list[dict], min_cover: fl
     return covered
 
 
-def symbolic_embeddings(model, processor, adapter, inputs, boxes_per_row: list[list[dict]]) -> torch.Tensor:
+def symbolic_embeddings(model, processor, adapter, inputs, image_sizes: list[tuple[int, int]],
+                        boxes_per_row: list[list[dict]]) -> torch.Tensor:
     """Input embeddings with each image token = its own embedding + the word embeddings of the patch's categories."""
     embedding = model.get_input_embeddings()
     words = torch.tensor([processor.tokenizer.convert_tokens_to_ids(c) for c in CATEGORIES])
     embeds = embedding(inputs["input_ids"])
     for row, boxes in enumerate(boxes_per_row):
         positions = adapter.image_token_positions(inputs["input_ids"][row])
-        covered = patch_categories(adapter, inputs, row, boxes)
+        covered = patch_categories(adapter, inputs, row, image_sizes[row], boxes)
         if len(positions) != len(covered):
             raise RuntimeError(f"{len(positions)} image tokens but a patch grid of {len(covered)} cells")
         embeds[row, positions] = embeds[row, positions] + covered @ embedding.weight[words]
@@ -76,7 +78,7 @@ def forward(model, processor, adapter, rows: dict, answers: list[str], inputs_ki
     if hint:
         zoo._add_object_word_hint(inputs, adapter, processor.tokenizer, rows["question"])
     if inputs_kind == "symbolic":
-        embeds = symbolic_embeddings(model, processor, adapter, inputs, rows["boxes"])
+        embeds = symbolic_embeddings(model, processor, adapter, inputs, [im.size for im in images], rows["boxes"])
         output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"])
     else:
         output = model(**inputs)
@@ -88,7 +90,7 @@ def decision_accuracy(model, processor, adapter, dataset, inputs_kind: str, batc
     """Teacher-forced yes/no accuracy at the answer position and at the asked object's word."""
     yes_ids, no_ids = adapter.yes_no_token_ids(processor.tokenizer)
     model.eval()
-    at_answer = at_word = 0
+    correct = {"accuracy_at_answer": 0, "accuracy_at_object_word": 0}
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         answers = [ANSWER_FORMS[label][0] for label in rows["label"]]
@@ -97,16 +99,11 @@ def decision_accuracy(model, processor, adapter, dataset, inputs_kind: str, batc
             answer_start = adapter.answer_start(inputs, row)
             word = processor.tokenizer(parse_object(rows["question"][row]), add_special_tokens=False)["input_ids"][-1]
             word_position = int((inputs["input_ids"][row, :answer_start] == word).nonzero().flatten()[-1])
-            for position, counter in ((answer_start - 1, "answer"), (word_position, "word")):
+            for key, position in (("accuracy_at_answer", answer_start - 1), ("accuracy_at_object_word", word_position)):
                 logits = output.logits[row, position]
-                said = "yes" if logits[yes_ids].max() > logits[no_ids].max() else "no"
-                if said == label:
-                    if counter == "answer":
-                        at_answer += 1
-                    else:
-                        at_word += 1
+                correct[key] += ("yes" if logits[yes_ids].max() > logits[no_ids].max() else "no") == label
     model.train()
-    return {"accuracy_at_answer": at_answer / len(dataset), "accuracy_at_object_word": at_word / len(dataset)}
+    return {key: count / len(dataset) for key, count in correct.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, zoo._lr_lambda(spec))
     generator = np.random.default_rng(spec.seed)
+    forms = {label: texts if args.answer_forms == "all" else texts[:1] for label, texts in ANSWER_FORMS.items()}
     history, losses = [], []
     started = time.time()
     model.train()
     for step in tqdm(range(spec.steps), desc=f"{args.model} {args.inputs}", mininterval=5.0):
         batch = sorted(generator.choice(len(train), size=min(spec.batch_size, len(train)), replace=False).tolist())
         rows = train[batch]
-        forms = {label: ANSWER_FORMS[label] if args.answer_forms == "all" else ANSWER_FORMS[label][:1] for label in ANSWER_FORMS}
         answers = [forms[label][int(generator.integers(len(forms[label])))] for label in rows["label"]]
         _, output = forward(model, processor, adapter, rows, answers, args.inputs, spec.object_word_hint)
         optimizer.zero_grad(set_to_none=True)

@@ -33,12 +33,12 @@ def test_symbolic_image_tokens_carry_the_covering_categories(name: str, tiny_ben
     rows, cols = adapter.patch_grid(inputs, 0)
     cell = 64 // cols
     boxes = [{"category": "cup", "bbox": [0, 0, cell, cell]}, {"category": "tree", "bbox": [64 - cell, 64 - cell, 64, 64]}]
-    covered = diag.patch_categories(adapter, inputs, 0, boxes)
+    covered = diag.patch_categories(adapter, inputs, 0, (64, 64), boxes)
     assert covered.shape == (rows * cols, len(CATEGORIES))
     assert covered.sum() == 2
     assert covered[0, CATEGORIES.index("cup")] == 1 and covered[-1, CATEGORIES.index("tree")] == 1
     with torch.no_grad():
-        embeds = diag.symbolic_embeddings(model, processor, adapter, inputs, [boxes])
+        embeds = diag.symbolic_embeddings(model, processor, adapter, inputs, [(64, 64)], [boxes])
         plain = model.get_input_embeddings()(inputs["input_ids"])
     positions = adapter.image_token_positions(inputs["input_ids"][0])
     cup = model.get_input_embeddings().weight[processor.tokenizer.convert_tokens_to_ids("cup")]
