@@ -15,8 +15,11 @@ zoo's ``object_word_hint`` trains an early answer). Evaluation uses the held-out
     .venv/bin/python benchmarks/zoo_learnability.py --model zoo-llava --inputs symbolic --steps 300 --batch-size 128
     .venv/bin/python benchmarks/zoo_learnability.py --model zoo-llava --inputs symbolic --steps 300 --batch-size 128 \
         --answer-forms first --threads 2
+    .venv/bin/python benchmarks/zoo_learnability.py --model zoo-llava --inputs symbolic --steps 300 --every 50 \
+        --batch-size 128 --answer-forms first --patch-size 16 --layers 2
 
-Writes ``benchmarks/results/zoo_learnability-<model>-<inputs>-batch<B>[-first-form]-<steps>.json`` (``--out``).
+Writes ``benchmarks/results/zoo_learnability-<model>-<inputs>-batch<B>[-first-form][-patch<P>][-layers<L>]-<steps>.json``
+(``--out``).
 """
 
 from __future__ import annotations
@@ -106,6 +109,12 @@ def decision_accuracy(model, processor, adapter, dataset, inputs_kind: str, batc
     return {key: count / len(dataset) for key, count in correct.items()}
 
 
+def _geometry_tag(spec, base) -> str:
+    """File-name part for a patch size / depth other than the zoo's (empty at the zoo's own)."""
+    tag = f"-patch{spec.patch_size}" if spec.patch_size != base.patch_size else ""
+    return tag + (f"-layers{spec.layers}" if spec.layers != base.layers else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="zoo-llava", choices=list(zoo.ZOO))
@@ -116,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the zoo spec's")
     parser.add_argument("--answer-forms", default="all", choices=["all", "first"],
                         help="train on every answer form (as the zoo does) or only the first ('Yes.' / 'No.')")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="default: the zoo spec's (16 gives LLaVA/PaliGemma 16 image tokens instead of 64)")
+    parser.add_argument("--layers", type=int, default=None, help="language-model layers; default: the zoo spec's")
     parser.add_argument("--eval-size", type=int, default=360, help="held-out random-split questions evaluated")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--benchmark", type=Path, default=BENCHMARK_DIR)
@@ -128,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     base = zoo.ZOO[args.model]
     spec = dataclasses.replace(base, steps=args.steps, vision_steps=0,
                                learning_rate=args.learning_rate or base.learning_rate,
-                               batch_size=args.batch_size or base.batch_size)
+                               batch_size=args.batch_size or base.batch_size,
+                               patch_size=args.patch_size or base.patch_size, layers=args.layers or base.layers)
     train = load_train(args.benchmark)
     held_out = load_benchmark("random", args.benchmark)
     held_out = held_out.select(range(0, len(held_out), max(1, len(held_out) // args.eval_size)))
@@ -161,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": args.model, "inputs": args.inputs, "steps": spec.steps, "batch_size": spec.batch_size,
         "learning_rate": spec.learning_rate, "answer_forms": args.answer_forms, "object_word_hint": spec.object_word_hint,
+        "patch_size": spec.patch_size, "layers": spec.layers,
         "eval_questions": len(held_out), "threads": args.threads, "machine": platform.machine(),
         "history": history,
     }
-    out = args.out or Path(__file__).parent / "results" / f"zoo_learnability-{args.model}-{args.inputs}-batch{spec.batch_size}{'-first-form' if args.answer_forms == 'first' else ''}-{spec.steps}.json"
+    out = args.out or Path(__file__).parent / "results" / f"zoo_learnability-{args.model}-{args.inputs}-batch{spec.batch_size}{'-first-form' if args.answer_forms == 'first' else ''}{_geometry_tag(spec, base)}-{spec.steps}.json"
     write_json_atomic(out, result)
     print(f"wrote {out}")
     return 0

@@ -112,3 +112,21 @@ def tiny_loaded(tiny_model_dir):
         return cache[name]
 
     return get
+
+
+@pytest.fixture
+def benchmark_script() -> Callable[[str], object]:
+    """``benchmark_script("zoo_perception")`` -> that module of ``benchmarks/``, imported from its file."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+        return module
+
+    return load

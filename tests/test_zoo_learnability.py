@@ -3,7 +3,6 @@ symbolic control puts each category's word embedding on exactly the image tokens
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,21 +12,13 @@ import torch
 from vrp_utils.data.benchmark import CATEGORIES
 from vrp_utils.models import zoo
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_learnability.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("zoo_learnability", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", list(zoo.ZOO))
-def test_symbolic_image_tokens_carry_the_covering_categories(name: str, tiny_benchmark: Path) -> None:
+def test_symbolic_image_tokens_carry_the_covering_categories(
+    name: str, tiny_benchmark: Path, benchmark_script
+) -> None:
     from PIL import Image
 
-    diag = _load()
+    diag = benchmark_script("zoo_learnability")
     model, processor, adapter = zoo.build_untrained(zoo.ZOO[name])
     inputs = adapter.build_inputs(processor, [Image.new("RGB", (64, 64), "white")], ["Is there a cup in the image?"])
     rows, cols = adapter.patch_grid(inputs, 0)
@@ -49,8 +40,10 @@ def test_symbolic_image_tokens_carry_the_covering_categories(name: str, tiny_ben
 
 
 @pytest.mark.parametrize("inputs", ["symbolic", "pixels"])
-def test_diagnostic_runs_and_reports_accuracies(inputs: str, tiny_benchmark: Path, tmp_path: Path) -> None:
-    diag = _load()
+def test_diagnostic_runs_and_reports_accuracies(
+    inputs: str, tiny_benchmark: Path, tmp_path: Path, benchmark_script
+) -> None:
+    diag = benchmark_script("zoo_learnability")
     out = tmp_path / "result.json"
     assert diag.main(["--model", "zoo-qwen2-vl", "--inputs", inputs, "--steps", "2", "--every", "1",
                       "--eval-size", "6", "--benchmark", str(tiny_benchmark), "--out", str(out)]) == 0
@@ -59,3 +52,14 @@ def test_diagnostic_runs_and_reports_accuracies(inputs: str, tiny_benchmark: Pat
     for point in result["history"]:
         assert 0.0 <= point["accuracy_at_answer"] <= 1.0 and 0.0 <= point["accuracy_at_object_word"] <= 1.0
     assert result["inputs"] == inputs and result["eval_questions"] == 6
+
+
+def test_learnability_geometry_options_reach_the_model(
+    tiny_benchmark: Path, tmp_path: Path, benchmark_script
+) -> None:
+    diag = benchmark_script("zoo_learnability")
+    out = tmp_path / "result.json"
+    assert diag.main(["--model", "zoo-llava", "--inputs", "symbolic", "--steps", "1", "--patch-size", "16",
+                      "--layers", "2", "--eval-size", "6", "--benchmark", str(tiny_benchmark), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["patch_size"], result["layers"]) == (16, 2)

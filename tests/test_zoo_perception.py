@@ -1,0 +1,47 @@
+"""The zoo perception diagnostic (benchmarks/zoo_perception.py): its targets follow the boxes on all three
+families, and it runs end to end and reports a held-out AUROC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vrp_utils.data.benchmark import CATEGORIES
+from vrp_utils.data.pope import load_benchmark
+from vrp_utils.models import zoo
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_targets_follow_the_boxes(
+    name: str, tiny_benchmark: Path, benchmark_script
+) -> None:
+    diag = benchmark_script("zoo_perception")
+    model, processor, adapter = zoo.build_untrained(zoo.ZOO[name])
+    dataset = load_benchmark("random", tiny_benchmark)
+    images = diag.distinct_images(dataset, processor, adapter)
+    assert len(images.images) == len(set(dataset["image_file"]))
+    first = dataset[0]
+    expected = {box["category"] for box in first["boxes"]}
+    assert {CATEGORIES[i] for i in images.presence[0].nonzero().flatten().tolist()} == expected
+    # every covered token names a category of the image, and every category covers some token
+    covered = images.coverage[0]
+    assert {CATEGORIES[i] for i in covered.any(dim=0).nonzero().flatten().tolist()} <= expected
+    logits = diag.token_logits(model, processor, torch.nn.Linear(model.config.get_text_config().hidden_size,
+                                                                 len(CATEGORIES)), images.images[:2])
+    assert [t.shape for t in logits] == [c.shape for c in images.coverage[:2]]
+
+
+@pytest.mark.parametrize("loss", ["presence", "dense"])
+def test_diagnostic_runs_and_reports_auroc(
+    loss: str, tiny_benchmark: Path, tmp_path: Path, benchmark_script
+) -> None:
+    diag = benchmark_script("zoo_perception")
+    out = tmp_path / "result.json"
+    assert diag.main(["--model", "zoo-qwen2-vl", "--loss", loss, "--steps", "2", "--every", "1", "--batch-size", "4",
+                      "--vision-layers", "1", "--benchmark", str(tiny_benchmark), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [p["step"] for p in result["history"]] == [1, 2]
+    assert all(0.0 <= p["presence_auroc"] <= 1.0 for p in result["history"])
+    assert result["loss"] == loss and result["vision_layers"] == 1
