@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.replace(zoo.ZOO[args.model], config_overrides=overrides)
     model, processor, adapter = zoo.build_untrained(spec)
     vision = model.config.vision_config
-    layers = getattr(vision, "num_hidden_layers", None) or vision.depth
-    width = getattr(vision, "hidden_size", None) if spec.model_type != "qwen2_vl" else vision.embed_dim
+    layers = vision.num_hidden_layers
+    width = getattr(vision, "embed_dim", None) or vision.hidden_size  # Qwen2-VL's hidden_size is its merger's output
     train = distinct_images(load_train(args.benchmark), processor, adapter)
     held_out = distinct_images(load_benchmark("random", args.benchmark), processor, adapter)
 
