@@ -12,6 +12,7 @@ import torch
 from vrp_utils.data.benchmark import CATEGORIES
 from vrp_utils.models import zoo
 
+
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_symbolic_image_tokens_carry_the_covering_categories(
     name: str, tiny_benchmark: Path, benchmark_script

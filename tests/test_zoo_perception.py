@@ -13,6 +13,7 @@ from vrp_utils.data.benchmark import CATEGORIES
 from vrp_utils.data.pope import load_benchmark
 from vrp_utils.models import zoo
 
+
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_targets_follow_the_boxes(
     name: str, tiny_benchmark: Path, benchmark_script
