@@ -138,6 +138,41 @@ def test_training_inputs_label_only_the_answer(model_type: str) -> None:
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
+def test_conversations_label_every_answer_and_keep_turn_one_exact(model_type: str) -> None:
+    """Multi-turn training inputs: every answer (and nothing else) labelled; turn one is the single-question input."""
+    model, processor, adapter = family(model_type)
+    tok = processor.tokenizer
+    conversations = [list(zip(QUESTIONS, ANSWERS)), [(QUESTIONS[1], ANSWERS[1])]]
+    inputs = adapter.build_conversations(processor, images(), conversations)
+    labels = inputs["labels"]
+    for row, turns in enumerate(conversations):
+        labelled = labels[row][labels[row] != IGNORE_INDEX].tolist()
+        expected = [t for _, a in turns for t in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+        assert labelled == expected
+        assert torch.equal(labels[row][labels[row] != IGNORE_INDEX], inputs["input_ids"][row][labels[row] != IGNORE_INDEX])
+        # later questions are in the sequence, unlabelled
+        for question, _ in turns[1:]:
+            q_ids = tok(question, add_special_tokens=False)["input_ids"]
+            ids = inputs["input_ids"][row].tolist()
+            at = [i for i in range(len(ids) - len(q_ids) + 1) if ids[i : i + len(q_ids)] == q_ids]
+            assert at and all(labels[row, at[-1] + k] == IGNORE_INDEX for k in range(len(q_ids)))
+    # causal families (and PaliGemma's causal suffix): turn one sees nothing of later turns
+    single = adapter.build_inputs(processor, images()[:1], QUESTIONS[:1], ANSWERS[:1])
+    alone = adapter.build_conversations(processor, images()[:1], conversations[:1])
+    n = single["input_ids"].shape[1]
+    assert torch.equal(alone["input_ids"][0, :n], single["input_ids"][0])
+    assert torch.equal(alone["labels"][0, :n], single["labels"][0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**alone).logits[0, :n], model(**single).logits[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="2 images but 1 conversations"):
+        adapter.build_conversations(processor, images(), conversations[:1])
+    with pytest.raises(ValueError, match="at least one turn"):
+        adapter.build_conversations(processor, images(), [conversations[0], []])
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        adapter.build_conversations(processor, images(), [conversations[0], [("Is there a zebra?", "No.")]])
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_unknown_words_are_refused(model_type: str) -> None:
     _, processor, adapter = family(model_type)
     with pytest.raises(ValueError, match="example 1 .*outside the tokenizer's vocabulary"):

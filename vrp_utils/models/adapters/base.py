@@ -80,6 +80,61 @@ class FamilyAdapter(ABC):
         self._check_known_words(processor, inputs, questions, answers)
         return inputs
 
+    def follow_up_prompt(self, processor: ProcessorMixin, question: str) -> str:
+        """A later user turn about the same image: its text after the previous answer, ending where its answer starts."""
+        raise NotImplementedError(f"{self.model_type}: multi-turn conversations are not defined")
+
+    def build_conversations(
+        self,
+        processor: ProcessorMixin,
+        images: Sequence[Image.Image],
+        conversations: Sequence[Sequence[tuple[str, str]]],
+    ) -> BatchFeature:
+        """Training inputs for one multi-turn conversation per image, with ``labels`` on every answer.
+
+        Turn one is exactly the single-question prompt of :meth:`build_inputs` (what evaluation
+        sees); later turns use the family's own follow-up format. Why: one image forward then
+        trains several yes/no decisions, which the zoo needs to leave chance within its budget.
+        """
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(images)} images but {len(conversations)} conversations")
+        if not conversations or any(len(turns) == 0 for turns in conversations):
+            raise ValueError("build_conversations needs at least one conversation, each with at least one turn")
+        tokenizer = processor.tokenizer
+        prompts, tails, answer_pieces = [], [], []
+        for turns in conversations:
+            (question, answer), *later = turns
+            pieces = [(self.answer_text(processor, answer), True)]
+            for question_k, answer_k in later:
+                pieces += [(self.follow_up_prompt(processor, question_k), False), (self.answer_text(processor, answer_k), True)]
+            prompts.append(self.prompt(processor, question))
+            tails.append(pieces)
+        inputs = self._encode_with_tails(processor, [img.convert("RGB") for img in images], prompts,
+                                         ["".join(text for text, _ in pieces) for pieces in tails])
+        ids = inputs["input_ids"]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for row, pieces in enumerate(tails):
+            piece_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in pieces]
+            total = sum(len(p) for p in piece_ids)
+            expected = [t for p in piece_ids for t in p]
+            if ids[row, ids.shape[1] - total :].tolist() != expected:
+                raise ValueError(f"conversation {row}: its turns do not tokenize the same inside the sequence and alone")
+            column = ids.shape[1] - total
+            for (text, is_answer), p in zip(pieces, piece_ids):
+                if is_answer:
+                    labels[row, column : column + len(p)] = ids[row, column : column + len(p)]
+                column += len(p)
+        inputs["labels"] = labels
+        flat = [" / ".join(f"{q} {a}" for q, a in turns) for turns in conversations]
+        self._check_known_words(processor, inputs, flat, None)
+        return inputs
+
+    def _encode_with_tails(
+        self, processor: ProcessorMixin, images: list[Image.Image], prompts: list[str], tails: list[str]
+    ) -> BatchFeature:
+        """Encode prompt + tail text per row (left-padded); families with a prefix/suffix split override this."""
+        return self._encode(processor, images, [p + t for p, t in zip(prompts, tails)])
+
     def _encode(self, processor: ProcessorMixin, images: list[Image.Image], texts: list[str], **kwargs: Any) -> BatchFeature:
         return processor(
             images=images, text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs

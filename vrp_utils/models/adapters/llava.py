@@ -29,6 +29,10 @@ class LlavaAdapter(FamilyAdapter):
     def answer_text(self, processor: ProcessorMixin, answer: str) -> str:
         return f" {answer}{processor.tokenizer.eos_token}"
 
+    def follow_up_prompt(self, processor: ProcessorMixin, question: str) -> str:
+        # llava-1.5's conversation format: "USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:"
+        return f"USER: {question} ASSISTANT:"
+
     def patch_grid(self, inputs: BatchFeature, index: int) -> tuple[int, int]:
         height, width = inputs["pixel_values"][index].shape[-2:]
         patch = self.config.vision_config.patch_size

@@ -28,6 +28,19 @@ class PaliGemmaAdapter(FamilyAdapter):
     def answer_text(self, processor: ProcessorMixin, answer: str) -> str:
         return f"{answer}{processor.tokenizer.eos_token}"
 
+    def follow_up_prompt(self, processor: ProcessorMixin, question: str) -> str:
+        # PaliGemma has no chat format: a later question follows the previous answer's EOS in the causal suffix.
+        return question
+
+    def _encode_with_tails(
+        self, processor: ProcessorMixin, images: list[Image.Image], prompts: list[str], tails: list[str]
+    ) -> BatchFeature:
+        # The processor appends EOS to the suffix itself; token_type_ids then mark every turn after the
+        # first question as causal suffix. Labels are replaced by the caller (answers only).
+        eos = processor.tokenizer.eos_token
+        suffixes = [t[: -len(eos)] if t.endswith(eos) else t for t in tails]
+        return self._encode(processor, images, prompts, suffix=suffixes)
+
     def _encode(self, processor: ProcessorMixin, images: list[Image.Image], texts: list[str], **kwargs) -> BatchFeature:
         # PaliGemmaProcessor builds its labels with np.array(); from torch tensors that warns (numpy 2
         # copy keyword). Ask for numpy and convert once.

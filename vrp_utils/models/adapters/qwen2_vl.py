@@ -33,6 +33,10 @@ class Qwen2VLAdapter(FamilyAdapter):
     def answer_text(self, processor: ProcessorMixin, answer: str) -> str:
         return f"{answer}{processor.tokenizer.eos_token}"  # eos is <|im_end|>, the end of the assistant turn
 
+    def follow_up_prompt(self, processor: ProcessorMixin, question: str) -> str:
+        # The chat template's next user turn and generation prompt (its newlines are whitespace to the tokenizer).
+        return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
     def patch_grid(self, inputs: BatchFeature, index: int) -> tuple[int, int]:
         grids = inputs["image_grid_thw"]
         if len(grids) != len(inputs["input_ids"]):
