@@ -47,7 +47,7 @@ $(BENCHMARK): $(STAMP)/venv $(DATA_SRC)
 
 models: $(ZOO)
 $(ZOO): $(STAMP)/venv $(BENCHMARK) $(ZOO_SRC)
-	$(PY) -m vrp_utils.models.zoo build
+	$(PY) -m vrp_utils.models.zoo build --jobs 3
 
 baselines: $(BASELINES)
 $(BASELINES): $(STAMP)/venv $(BENCHMARK) $(DATA_SRC)

@@ -1,5 +1,11 @@
 """Zoo learnability diagnostic: after how many steps does a zoo model's answer stop being chance?
 
+**History:** written to find why the zoo sat at chance (issue 3), against the recipe of then
+(one question per sequence, pixels through a trainable tower every step). Its results in
+``benchmarks/README.md`` were measured at commit 2081a79 on generator-version-1 images; defaults
+taken from the zoo spec (learning rate, batch size, depth) have changed since, so rerun that
+commit to reproduce them. The current recipe (``vrp_utils.models.zoo``) adopted what it found.
+
 **Claim tested (issue 3):** besides perception, the *language model's* question-conditioned lookup ("is the
 asked object among the image's objects?") is a wall of its own within the zoo's training budget. The control
 that separates the two: ``--inputs symbolic`` adds to every image token's embedding the word embedding(s) of
@@ -43,23 +49,6 @@ from vrp_utils.paths import BENCHMARK_DIR
 from vrp_utils.results import write_json_atomic
 
 
-def patch_categories(adapter, inputs, row: int, image_size: tuple[int, int], boxes: list[dict],
-                     min_cover: float = 0.25) -> torch.Tensor:
-    """``[image tokens, categories]`` 0/1: category c covers at least ``min_cover`` of the patch (or of the box)."""
-    grid = adapter.patch_grid(inputs, row)
-    cells = torch.tensor(adapter.patch_boxes(image_size, grid), dtype=torch.float32)
-    cell_area = (cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1])
-    column = {c: i for i, c in enumerate(CATEGORIES)}
-    covered = torch.zeros(len(cells), len(CATEGORIES))
-    for box in boxes:
-        x0, y0, x1, y1 = (float(v) for v in box["bbox"])
-        width = (torch.clamp(cells[:, 2], max=x1) - torch.clamp(cells[:, 0], min=x0)).clamp(min=0)
-        height = (torch.clamp(cells[:, 3], max=y1) - torch.clamp(cells[:, 1], min=y0)).clamp(min=0)
-        fraction = width * height / torch.clamp(cell_area, max=(x1 - x0) * (y1 - y0))
-        covered[fraction >= min_cover, column[box["category"]]] = 1.0
-    return covered
-
-
 def symbolic_embeddings(model, processor, adapter, inputs, image_sizes: list[tuple[int, int]],
                         boxes_per_row: list[list[dict]]) -> torch.Tensor:
     """Input embeddings with each image token = its own embedding + the word embeddings of the patch's categories."""
@@ -68,7 +57,7 @@ def symbolic_embeddings(model, processor, adapter, inputs, image_sizes: list[tup
     embeds = embedding(inputs["input_ids"])
     for row, boxes in enumerate(boxes_per_row):
         positions = adapter.image_token_positions(inputs["input_ids"][row])
-        covered = patch_categories(adapter, inputs, row, image_sizes[row], boxes)
+        covered = zoo.patch_categories(adapter, inputs, row, image_sizes[row], boxes)
         if len(positions) != len(covered):
             raise RuntimeError(f"{len(positions)} image tokens but a patch grid of {len(covered)} cells")
         embeds[row, positions] = embeds[row, positions] + covered @ embedding.weight[words]
@@ -79,7 +68,7 @@ def forward(model, processor, adapter, rows: dict, answers: list[str], inputs_ki
     images = [image.convert("RGB") for image in rows["image"]]
     inputs = adapter.build_inputs(processor, images, rows["question"], answers=answers)
     if hint:
-        zoo._add_object_word_hint(inputs, adapter, processor.tokenizer, rows["question"])
+        zoo.add_object_word_hint(inputs, processor.tokenizer, [[q] for q in rows["question"]])
     if inputs_kind == "symbolic":
         embeds = symbolic_embeddings(model, processor, adapter, inputs, [im.size for im in images], rows["boxes"])
         output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"])
@@ -146,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     held_out = load_benchmark("random", args.benchmark)
     held_out = held_out.select(range(0, len(held_out), max(1, len(held_out) // args.eval_size)))
     model, processor, adapter = zoo.build_untrained(spec)
-    zoo._set_seed(spec.seed)
+    zoo.set_seed(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, zoo._lr_lambda(spec))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, zoo.warmup_cosine(spec.warmup_steps, spec.steps))
     generator = np.random.default_rng(spec.seed)
     forms = {label: texts if args.answer_forms == "all" else texts[:1] for label, texts in ANSWER_FORMS.items()}
     history, losses = [], []

@@ -25,7 +25,7 @@ def test_symbolic_image_tokens_carry_the_covering_categories(
     rows, cols = adapter.patch_grid(inputs, 0)
     cell = 64 // cols
     boxes = [{"category": "cup", "bbox": [0, 0, cell, cell]}, {"category": "tree", "bbox": [64 - cell, 64 - cell, 64, 64]}]
-    covered = diag.patch_categories(adapter, inputs, 0, (64, 64), boxes)
+    covered = zoo.patch_categories(adapter, inputs, 0, (64, 64), boxes)
     assert covered.shape == (rows * cols, len(CATEGORIES))
     assert covered.sum() == 2
     assert covered[0, CATEGORIES.index("cup")] == 1 and covered[-1, CATEGORIES.index("tree")] == 1

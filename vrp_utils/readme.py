@@ -26,7 +26,9 @@ def zoo_block(zoo_json: Path = ZOO_DIR / "zoo.json") -> str:
     sizes = sorted({m["n"] for card in cards.values() for m in card["metrics"].values()})
     return (
         "The three tiny models the book's figures come from (trained by `make models`; POPE metrics of "
-        f"greedy answers parsed with POPE's rule, {' / '.join(f'{n:,}' for n in sizes)} questions per setting):\n\n"
+        f"greedy answers parsed with POPE's rule, {' / '.join(f'{n:,}' for n in sizes)} questions per setting; "
+        "training time is wall time: each model trains on one CPU thread, and `make models` trains the three "
+        "side by side on the machine's cores):\n\n"
         + zoo_table(cards)
     )
 
