@@ -393,8 +393,10 @@ def test_store_batch_size_4_equals_1(name, tiny_loaded, tiny_benchmark, tmp_path
     assert table["label"].tolist() == dataset["label"]
     assert (table["grid_rows"] * table["grid_cols"] == table["n_image_tokens"]).all()
     assert (four.image_token_counts() == table["n_image_tokens"]).all()
-    assert four.attention().shape == (8, 4, 4, 3, int(table["n_image_tokens"].max()))
-    assert four.hidden().shape == four.hidden(kind="answer_mean").shape == (8, 4, 128)
+    text = loaded.model.config.get_text_config()
+    layers, heads, width = text.num_hidden_layers, text.num_attention_heads, text.hidden_size
+    assert four.attention().shape == (8, layers, heads, 3, int(table["n_image_tokens"].max()))
+    assert four.hidden().shape == four.hidden(kind="answer_mean").shape == (8, layers, width)
 
 
 def _cli(args: list[str], data_dir: Path, **kwargs) -> subprocess.Popen:
