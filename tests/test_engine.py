@@ -55,7 +55,9 @@ ZOO_MODELS = ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")
 PAPER_MODELS = ("paper-llava", "paper-paligemma", "paper-qwen2_vl")
 #: float16 keeps 11 significant bits (relative error <= 2**-11); the float32 capture itself is ~1e-6 off eager.
 ATTENTION_RTOL, ATTENTION_ATOL = 1e-3, 1e-6
-FLOAT_TOL = 1e-5
+#: float32, two summation orders (cached incremental decoding vs one full forward): measured up to 2e-5
+#: on the zoo's configs (their language models start at weight std 0.08, so logits are a few times larger).
+FLOAT_TOL = 1e-4
 #: Examples of the tiny benchmark's random split used per model (three different images and questions), and
 #: the sizes their images are resized to (different aspect ratios: LLaVA crops, PaliGemma squashes, Qwen2-VL
 #: gets a different token grid per image, so the batch is ragged).

@@ -130,6 +130,22 @@ def test_zoo_config_matches_processor(model_type: str) -> None:
         assert len(processor.tokenizer) == len(build_tokenizer(model_type, WORDS)) + 1152
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_initializer_range_sets_the_language_models_initial_weights(model_type: str) -> None:
+    """The zoo starts its small language models wider than the library's 0.02 (see zoo_config)."""
+    stds = {}
+    for initializer_range in (0.02, 0.08):
+        config, _ = build_family(model_type, WORDS, initializer_range=initializer_range)
+        torch.manual_seed(0)
+        model = adapter_for(config).model_class(config)
+        language = [p for n, p in model.named_parameters() if n.startswith("model.language_model") and p.dim() == 2]
+        vision = [p for n, p in model.named_parameters() if "visual" in n or "vision_tower" in n]
+        stds[initializer_range] = (torch.cat([p.flatten() for p in language]).std().item(),
+                                   [p.detach().clone() for p in vision])
+    assert stds[0.02][0] == pytest.approx(0.02, rel=0.05) and stds[0.08][0] == pytest.approx(0.08, rel=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(stds[0.02][1], stds[0.08][1])), "the vision tower's start is untouched"
+
+
 def test_mismatched_processor_is_refused() -> None:
     config, _ = build_family("llava", WORDS)
     other = build_processor("llava", WORDS, image_size=32, patch_size=8)
@@ -168,3 +184,14 @@ def test_patch_boxes_tile_the_image() -> None:
     assert qwen.shape == (12, 4)
     np.testing.assert_allclose(qwen[4], [0, 64 / 3, 24, 128 / 3])  # row 1, col 0
     np.testing.assert_allclose(qwen[11], [72, 128 / 3, 96, 64])
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_rotary_base_is_the_zoos_or_the_checkpoints(model_type: str) -> None:
+    from vrp_utils.models.families import CHECKPOINT_ROPE_THETA
+
+    zoo_text = build_family(model_type, WORDS)[0].get_text_config()
+    paper_text = build_family(model_type, WORDS, geometry="paper")[0].get_text_config()
+    assert zoo_text.rope_parameters["rope_theta"] == 10_000.0
+    assert paper_text.rope_parameters["rope_theta"] == CHECKPOINT_ROPE_THETA[model_type]
+    assert CHECKPOINT_ROPE_THETA["qwen2_vl"] == 1_000_000.0  # Qwen2-VL-7B-Instruct's config.json

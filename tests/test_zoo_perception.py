@@ -31,19 +31,24 @@ def test_targets_follow_the_boxes(
         covering = {CATEGORIES[i] for i in images.coverage[index].any(dim=0).nonzero().flatten().tolist()}
         present = {CATEGORIES[i] for i in images.presence[index].nonzero().flatten().tolist()}
         assert covering == present
-    logits = diag.token_logits(model, processor, torch.nn.Linear(model.config.get_text_config().hidden_size,
-                                                                 len(CATEGORIES)), images.images[:2])
-    assert [t.shape for t in logits] == [c.shape for c in images.coverage[:2]]
+        assert images.labels[index].shape == images.coverage[index].shape[:1]
+        # a token with a category label is covered by that category; background tokens by none
+        labelled = images.labels[index] < len(CATEGORIES)
+        assert images.coverage[index][labelled, images.labels[index][labelled]].eq(1).all()
+        assert images.coverage[index][~labelled].eq(0).all()
+    head = torch.nn.Linear(model.config.get_text_config().hidden_size, len(CATEGORIES))
+    logits = zoo.image_token_logits(model, processor, head, images.images[:2])
+    assert logits.shape == (2, *images.coverage[0].shape)
 
 
-@pytest.mark.parametrize("loss", ["presence", "dense"])
+@pytest.mark.parametrize("loss", ["presence", "dense", "softmax"])
 def test_diagnostic_runs_and_reports_auroc(
     loss: str, tiny_benchmark: Path, tmp_path: Path, benchmark_script
 ) -> None:
     diag = benchmark_script("zoo_perception")
     out = tmp_path / "result.json"
     assert diag.main(["--model", "zoo-qwen2-vl", "--loss", loss, "--steps", "2", "--every", "1", "--batch-size", "4",
-                      "--vision-layers", "1", "--benchmark", str(tiny_benchmark), "--out", str(out)]) == 0
+                      "--vision-layers", "1", *(["--whiten"] if loss == "softmax" else []), "--benchmark", str(tiny_benchmark), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [p["step"] for p in result["history"]] == [1, 2]
     assert all(0.0 <= p["presence_auroc"] <= 1.0 for p in result["history"])

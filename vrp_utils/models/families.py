@@ -121,6 +121,9 @@ PAPER_GEOMETRY: dict[str, Geometry] = {
     "qwen2_vl": Geometry(image_size=336, patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
 }
 
+#: The real checkpoints' rotary base of the language model (Qwen2-VL's is set for 32k-token contexts).
+CHECKPOINT_ROPE_THETA: dict[str, float] = {"llava": 10_000.0, "paligemma": 10_000.0, "qwen2_vl": 1_000_000.0}
+
 
 def check_model_type(model_type: str) -> str:
     """Return ``model_type`` or raise naming the supported families."""
@@ -327,6 +330,8 @@ def _family_config(
     vision_heads: int,
     vision_intermediate: int,
     max_positions: int,
+    rope_theta: float,
+    initializer_range: float = 0.02,
 ) -> PretrainedConfig:
     check_model_type(model_type)
     ids = special_token_ids(model_type)
@@ -355,6 +360,8 @@ def _family_config(
                 num_attention_heads=heads,
                 num_key_value_heads=heads,
                 max_position_embeddings=max_positions,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                initializer_range=initializer_range,
                 bos_token_id=ids["bos"],
                 eos_token_id=ids["eos"],
                 pad_token_id=ids["pad"],
@@ -385,6 +392,8 @@ def _family_config(
                 num_key_value_heads=heads,
                 head_dim=head_dim,
                 max_position_embeddings=max_positions,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                initializer_range=initializer_range,
                 bos_token_id=ids["bos"],
                 eos_token_id=ids["eos"],
                 pad_token_id=ids["pad"],
@@ -417,7 +426,8 @@ def _family_config(
             "num_attention_heads": heads,
             "num_key_value_heads": heads,
             "max_position_embeddings": max_positions,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _mrope_section(head_dim)},
+            "initializer_range": initializer_range,
+            "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": _mrope_section(head_dim)},
             "bos_token_id": None,
             "eos_token_id": ids["eos"],
             "pad_token_id": ids["pad"],
@@ -448,8 +458,15 @@ def zoo_config(
     vision_intermediate: int = 128,
     merge_size: int = 2,
     max_positions: int = 512,
+    initializer_range: float = 0.02,
+    rope_theta: float = 10_000.0,
 ) -> PretrainedConfig:
     """Config of a trained-zoo model (about 0.8-0.9M parameters at the defaults).
+
+    ``initializer_range`` is the language model's initial weight std (the library's default, 0.02, is
+    set for widths in the thousands). ``rope_theta`` is the language model's rotary base for all three
+    families (Qwen2-VL's checkpoints use 1e6, for 32k-token contexts; over the zoo's few hundred tokens it
+    leaves almost no rotation between nearby tokens).
 
     ``vocab_size`` must be ``len(processor.tokenizer)`` of the matching
     :func:`build_processor`; token ids follow :data:`SPECIAL_TOKENS`.
@@ -468,6 +485,8 @@ def zoo_config(
         vision_heads=vision_heads,
         vision_intermediate=vision_intermediate,
         max_positions=max_positions,
+        rope_theta=rope_theta,
+        initializer_range=initializer_range,
     )
 
 
@@ -483,7 +502,7 @@ def paper_geometry_config(
     vision_heads: int = 2,
     max_positions: int = 4096,
 ) -> PretrainedConfig:
-    """Tiny-width config with the real checkpoint's image geometry (:data:`PAPER_GEOMETRY`).
+    """Tiny-width config with the real checkpoint's image geometry (:data:`PAPER_GEOMETRY`) and rotary base.
 
     Pair with ``build_processor(model_type, words, geometry="paper")``: LLaVA gives
     576 image tokens (24x24), PaliGemma 256 (16x16), Qwen2-VL a per-image grid.
@@ -502,6 +521,7 @@ def paper_geometry_config(
         vision_heads=vision_heads,
         vision_intermediate=2 * vision_hidden,
         max_positions=max_positions,
+        rope_theta=CHECKPOINT_ROPE_THETA[model_type],
     )
 
 

@@ -101,7 +101,7 @@ class FamilyAdapter(ABC):
         if not conversations or any(len(turns) == 0 for turns in conversations):
             raise ValueError("build_conversations needs at least one conversation, each with at least one turn")
         tokenizer = processor.tokenizer
-        prompts, tails, answer_pieces = [], [], []
+        prompts, tails = [], []
         for turns in conversations:
             (question, answer), *later = turns
             pieces = [(self.answer_text(processor, answer), True)]
