@@ -291,8 +291,9 @@ def image_token_logits(model, processor, head: torch.nn.Module, images: list) ->
 def whiten_patch_embedding(model, pixel_values: torch.Tensor, gain: float = 0.5) -> None:
     """Start the vision tower's patch embedding at the whitened principal components of ``pixel_values``' patches.
 
-    A data-dependent start for the only convolution of all three towers (measured on the benchmark's
-    images: held-out presence AUROC 0.791 vs 0.765 after 500 stage-1 steps, 0.915 vs 0.892 after 1,500).
+    A data-dependent start for the only convolution of all three towers: stage 1 then reaches a higher
+    held-out presence AUROC at every step (``benchmarks/zoo_perception.py --whiten``; numbers in
+    ``benchmarks/README.md``).
     Works on what the convolution sees: image tensors (CLIP, SigLIP) or Qwen2-VL's flattened patches.
     """
     convolutions = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
@@ -331,9 +332,9 @@ def pretrain_vision(model, processor, adapter, spec: ZooSpec, images: TrainingIm
     A linear head on every projected image token classifies its patch (softmax over the categories
     and background, from the training boxes), and the max over tokens of each category's probability
     is trained to say whether the image holds it; colour-permuted images; the patch embedding starts
-    whitened; the head is thrown away afterwards. Cheap: no language model in the loop. Measured on
-    the benchmark's images (LLaVA's tower, 1,500 steps): held-out presence AUROC 0.892 with the
-    softmax per token vs 0.752 with independent sigmoids per category.
+    whitened; the head is thrown away afterwards. Cheap: no language model in the loop. The softmax
+    per token learns the shapes much faster than independent sigmoids per category
+    (``benchmarks/zoo_perception.py``, ``--loss softmax`` vs ``--loss dense``; numbers in ``benchmarks/README.md``).
     """
     from vrp_utils.data.benchmark import CATEGORIES
 
