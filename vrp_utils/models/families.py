@@ -464,7 +464,8 @@ def zoo_config(
     """Config of a trained-zoo model (about 0.8-0.9M parameters at the defaults).
 
     ``initializer_range`` is the language model's initial weight std (the library's default, 0.02, is
-    set for widths in the thousands). ``rope_theta`` is the language model's rotary base for all three
+    set for widths in the thousands); LLaVA's and PaliGemma's projectors read it too, Qwen2-VL's merger
+    and all three vision towers do not. ``rope_theta`` is the language model's rotary base for all three
     families (Qwen2-VL's checkpoints use 1e6, for 32k-token contexts; over the zoo's few hundred tokens it
     leaves almost no rotation between nearby tokens).
 
