@@ -194,6 +194,22 @@ def test_whitened_patch_embedding_gives_decorrelated_unit_features(name, tiny_ex
     torch.testing.assert_close(covariance, 0.25 * torch.eye(conv.out_channels), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_stage_one_skips_resizing_only_when_it_changes_nothing(name, tiny_examples):
+    """The benchmark's images are the zoo's input size: unresized pixels equal resized ones; other or mixed sizes resize."""
+    import numpy as np
+
+    _, processor, _ = zoo.build_untrained(zoo.ZOO[name])
+    arrays = [np.asarray(image) for image in tiny_examples.images]
+    assert zoo.resize_is_identity(processor, arrays)
+    resized = processor.image_processor(arrays, return_tensors="pt")
+    kept = processor.image_processor(arrays, return_tensors="pt", do_resize=False)
+    assert all(torch.equal(resized[k], kept[k]) for k in resized)
+    smaller = [np.asarray(image.resize((48, 48))) for image in tiny_examples.images[:2]]
+    assert not zoo.resize_is_identity(processor, smaller)
+    assert not zoo.resize_is_identity(processor, arrays[:1] + smaller[:1])
+
+
 # ------------------------------------------------------------------------------- stage 2 pieces
 def test_conversations_ask_each_category_once_and_answer_by_the_boxes():
     import numpy as np

@@ -266,25 +266,46 @@ def _is_vision(name: str) -> bool:
     return not name.startswith(("model.language_model", "lm_head"))
 
 
-def _token_labels(processor, adapter, images: TrainingImages, chunk: int = 256) -> torch.Tensor:
-    """``[images, image tokens]`` class of every training image token's patch (:func:`patch_labels`)."""
+def _token_labels(processor, adapter, images: TrainingImages) -> torch.Tensor:
+    """``[images, image tokens]`` class of every training image token's patch (:func:`patch_labels`).
+
+    An image's patch grid depends only on its size, so the processor runs once per distinct size.
+    """
     from vrp_utils.data.benchmark import CATEGORIES, question_text
 
+    inputs_of_size: dict[tuple[int, int], Any] = {}
     labels = []
-    for start in range(0, len(images.images), chunk):
-        batch = images.images[start : start + chunk]
-        inputs = adapter.build_inputs(processor, batch, [question_text(CATEGORIES[0])] * len(batch))
-        labels += [
-            patch_labels(adapter, inputs, row, image.size, images.boxes[start + row])
-            for row, image in enumerate(batch)
-        ]
+    for image, boxes in zip(images.images, images.boxes):
+        if image.size not in inputs_of_size:
+            inputs_of_size[image.size] = adapter.build_inputs(processor, [image], [question_text(CATEGORIES[0])])
+        labels.append(patch_labels(adapter, inputs_of_size[image.size], 0, image.size, boxes))
     return torch.stack(labels)
 
 
-def image_token_logits(model, processor, head: torch.nn.Module, images: list) -> torch.Tensor:
-    """``[images, image tokens, classes]`` logits of a linear head over the projected image features."""
-    features = model.get_image_features(**processor.image_processor(images, return_tensors="pt")).pooler_output
+def image_token_logits(model, processor, head: torch.nn.Module, images: list, **image_kwargs: Any) -> torch.Tensor:
+    """``[images, image tokens, classes]`` logits of a linear head over the projected image features.
+
+    ``image_kwargs`` go to the image processor (e.g. ``do_resize=False``, see :func:`resize_is_identity`).
+    """
+    features = model.get_image_features(**processor.image_processor(images, return_tensors="pt", **image_kwargs)).pooler_output
     return head(torch.stack(list(features)))
+
+
+def resize_is_identity(processor, images: list) -> bool:
+    """Whether the image processor's resize leaves every one of ``images`` as it is.
+
+    True when all images have one size and processing the first with and without resizing gives
+    the same tensors (PIL returns a copy when asked for an image's own size, so one image of a size
+    decides for all of that size). Stage 1 then skips resizing, about a third of its preprocessing.
+    """
+    sizes = {np.asarray(image).shape for image in images}
+    if len(sizes) != 1:
+        return False
+    resized = processor.image_processor(images[:1], return_tensors="pt")
+    kept = processor.image_processor(images[:1], return_tensors="pt", do_resize=False)
+    return resized.keys() == kept.keys() and all(
+        resized[k].shape == kept[k].shape and torch.equal(resized[k], kept[k]) for k in resized
+    )
 
 
 @torch.no_grad()
@@ -349,6 +370,7 @@ def pretrain_vision(model, processor, adapter, spec: ZooSpec, images: TrainingIm
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(50, spec.vision_steps))
     labels = _token_labels(processor, adapter, images)
     arrays = [np.asarray(image) for image in images.images]
+    image_kwargs = {"do_resize": False} if resize_is_identity(processor, arrays) else {}
     presence = torch.from_numpy(images.presence)
     generator = np.random.default_rng(spec.seed + 1)
     losses = []
@@ -356,7 +378,7 @@ def pretrain_vision(model, processor, adapter, spec: ZooSpec, images: TrainingIm
     model.train()
     for _ in tqdm(range(spec.vision_steps), desc=f"vision {spec.name}", disable=not progress, mininterval=2.0):
         batch = generator.choice(len(images.images), size=min(spec.vision_batch_size, len(images.images)), replace=False)
-        logits = image_token_logits(model, processor, head, [permute_colours(arrays[i], generator) for i in batch])
+        logits = image_token_logits(model, processor, head, [permute_colours(arrays[i], generator) for i in batch], **image_kwargs)
         loss = vision_loss(logits, labels[batch], presence[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
