@@ -239,8 +239,9 @@ def test_conversations_ask_each_category_once_and_answer_by_the_boxes():
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_object_word_hint_labels_each_turn_and_cached_features_give_the_same_loss(name):
-    """The hint adds one label per turn (the answer's first token at the object word), and a forward
-    with cached image features (``mm_encoder_outputs``) equals the forward from pixels."""
+    """The hint adds one label per turn (the answer's first token at the object word); a forward
+    with cached image features (``mm_encoder_outputs``) equals the forward from pixels, and so does
+    the loss from logits at the labelled columns only (:func:`zoo.answer_loss`)."""
     from PIL import Image
     from vrp_utils.data.benchmark import question_text
     from vrp_utils.data.pope import parse_object
@@ -268,7 +269,12 @@ def test_object_word_hint_labels_each_turn_and_cached_features_give_the_same_los
         cached = zoo.CachedImageFeatures(model, processor, images)
         without_pixels = {k: v for k, v in inputs.items() if k != "pixel_values"}
         from_cache = model(**without_pixels, mm_encoder_outputs=cached.encoder_outputs([0, 1])).loss
+        at_labels_only = zoo.answer_loss(model, without_pixels, mm_encoder_outputs=cached.encoder_outputs([0, 1]))
     torch.testing.assert_close(from_cache, from_pixels)
+    torch.testing.assert_close(at_labels_only, from_pixels)
+    unlabelled = dict(without_pixels, labels=torch.full_like(inputs["labels"], IGNORE_INDEX))
+    with pytest.raises(ValueError, match="no labelled token"):
+        zoo.answer_loss(model, unlabelled)
 
 
 def test_answer_stage_leaves_the_vision_tower_unchanged(tiny_examples):
