@@ -51,6 +51,19 @@ def test_fingerprint_follows_the_spec(tiny_benchmark):
     assert zoo.spec_fingerprint(dataclasses.replace(spec, seed=99), tiny_benchmark) != zoo.spec_fingerprint(spec, tiny_benchmark)
 
 
+def test_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path):
+    module = tmp_path / "training.py"
+    module.write_text('"""Train."""\n\ndef steps():\n    """How many."""\n    return 600  # enough\n')
+    before = zoo.code_fingerprint(tmp_path)
+    module.write_text('"""Train the zoo."""\n\n\ndef steps():\n    """How many steps."""\n    # measured\n    return 600\n')
+    assert zoo.code_fingerprint(tmp_path) == before
+    module.write_text('"""Train the zoo."""\n\ndef steps():\n    return 601\n')
+    changed = zoo.code_fingerprint(tmp_path)
+    assert changed != before
+    (tmp_path / "other.py").write_text("x = 1\n")
+    assert zoo.code_fingerprint(tmp_path) != changed
+
+
 def test_unknown_zoo_model_is_refused(tiny_benchmark):
     with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.build_zoo(["zoo-gpt"], benchmark_dir=tiny_benchmark)
