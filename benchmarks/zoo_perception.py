@@ -61,24 +61,20 @@ class Images:
 
 
 def distinct_images(dataset, processor, adapter) -> Images:
-    """The split's distinct images with their targets (boxes -> categories present / per image token)."""
-    column = {c: i for i, c in enumerate(CATEGORIES)}
-    seen: dict[str, int] = {}
-    images, presence, coverage, labels = [], [], [], []
-    for name, image, boxes in zip(dataset["image_file"], dataset["image"], dataset["boxes"]):
-        if name in seen:
-            continue
-        seen[name] = len(images)
-        image = image.convert("RGB")
-        present = torch.zeros(len(CATEGORIES))
-        for box in boxes:
-            present[column[box["category"]]] = 1.0
-        inputs = adapter.build_inputs(processor, [image], ["Is there a cup in the image?"])
-        images.append(image)
-        presence.append(present)
-        coverage.append(zoo.patch_categories(adapter, inputs, 0, image.size, boxes))
-        labels.append(zoo.patch_labels(adapter, inputs, 0, image.size, boxes))
-    return Images(images, torch.stack(presence), coverage, labels)
+    """The split's distinct images with their targets (boxes -> categories present / per image token).
+
+    Images, boxes and presence as the zoo's stage 1 reads them (``zoo.TrainingImages.from_dataset``);
+    the per-token targets through the family adapter, once per image size (the grid depends on nothing else).
+    """
+    distinct = zoo.TrainingImages.from_dataset(dataset)
+    inputs_of_size: dict[tuple[int, int], object] = {}
+    coverage, labels = [], []
+    for image, boxes in zip(distinct.images, distinct.boxes):
+        if image.size not in inputs_of_size:
+            inputs_of_size[image.size] = adapter.build_inputs(processor, [image], ["Is there a cup in the image?"])
+        coverage.append(zoo.patch_categories(adapter, inputs_of_size[image.size], 0, image.size, boxes))
+        labels.append(zoo.patch_labels(adapter, inputs_of_size[image.size], 0, image.size, boxes))
+    return Images(distinct.images, torch.from_numpy(distinct.presence), coverage, labels)
 
 
 def presence_scores(logits: torch.Tensor, loss: str) -> torch.Tensor:
