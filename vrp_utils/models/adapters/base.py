@@ -102,7 +102,7 @@ class FamilyAdapter(ABC):
             raise ValueError("build_conversations needs at least one conversation, each with at least one turn")
         tokenizer = processor.tokenizer
         # A batch repeats a few dozen distinct texts (questions, answers) hundreds of times: render and
-        # tokenize each once (in the zoo's training this was ~40% of building a batch).
+        # tokenize each once (in the zoo's training those calls were about half of building a batch).
         rendered: dict[tuple[str, str], str] = {}
         token_ids: dict[str, list[int]] = {}
 
