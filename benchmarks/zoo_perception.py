@@ -63,17 +63,14 @@ class Images:
 def distinct_images(dataset, processor, adapter) -> Images:
     """The split's distinct images with their targets (boxes -> categories present / per image token).
 
-    Images, boxes and presence as the zoo's stage 1 reads them (``zoo.TrainingImages.from_dataset``);
-    the per-token targets through the family adapter, once per image size (the grid depends on nothing else).
+    Images, boxes and presence as the zoo's stage 1 reads them (``zoo.TrainingImages.from_dataset``),
+    the per-token targets through the family adapter (``zoo.patch_inputs``).
     """
     distinct = zoo.TrainingImages.from_dataset(dataset)
-    inputs_of_size: dict[tuple[int, int], object] = {}
     coverage, labels = [], []
-    for image, boxes in zip(distinct.images, distinct.boxes):
-        if image.size not in inputs_of_size:
-            inputs_of_size[image.size] = adapter.build_inputs(processor, [image], ["Is there a cup in the image?"])
-        coverage.append(zoo.patch_categories(adapter, inputs_of_size[image.size], 0, image.size, boxes))
-        labels.append(zoo.patch_labels(adapter, inputs_of_size[image.size], 0, image.size, boxes))
+    for inputs, image, boxes in zoo.patch_inputs(processor, adapter, distinct):
+        coverage.append(zoo.patch_categories(adapter, inputs, 0, image.size, boxes))
+        labels.append(zoo.patch_labels(adapter, inputs, 0, image.size, boxes))
     return Images(distinct.images, torch.from_numpy(distinct.presence), coverage, labels)
 
 

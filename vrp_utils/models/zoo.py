@@ -20,6 +20,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,20 +282,24 @@ def _is_vision(name: str) -> bool:
     return not name.startswith(("model.language_model", "lm_head"))
 
 
-def _token_labels(processor, adapter, images: TrainingImages) -> torch.Tensor:
-    """``[images, image tokens]`` class of every training image token's patch (:func:`patch_labels`).
+def patch_inputs(processor, adapter, images: TrainingImages) -> Iterator[tuple[Any, Any, list[dict]]]:
+    """``(inputs, image, boxes)`` for every training image, ``inputs`` for the patch functions at row 0.
 
     An image's patch grid depends only on its size, so the processor runs once per distinct size.
     """
     from vrp_utils.data.benchmark import CATEGORIES, question_text
 
     inputs_of_size: dict[tuple[int, int], Any] = {}
-    labels = []
     for image, boxes in zip(images.images, images.boxes):
         if image.size not in inputs_of_size:
             inputs_of_size[image.size] = adapter.build_inputs(processor, [image], [question_text(CATEGORIES[0])])
-        labels.append(patch_labels(adapter, inputs_of_size[image.size], 0, image.size, boxes))
-    return torch.stack(labels)
+        yield inputs_of_size[image.size], image, boxes
+
+
+def _token_labels(processor, adapter, images: TrainingImages) -> torch.Tensor:
+    """``[images, image tokens]`` class of every training image token's patch (:func:`patch_labels`)."""
+    return torch.stack([patch_labels(adapter, inputs, 0, image.size, boxes)
+                        for inputs, image, boxes in patch_inputs(processor, adapter, images)])
 
 
 def image_token_logits(model, processor, head: torch.nn.Module, images: list, **image_kwargs: Any) -> torch.Tensor:

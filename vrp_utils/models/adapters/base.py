@@ -106,11 +106,11 @@ class FamilyAdapter(ABC):
         rendered: dict[tuple[str, str], str] = {}
         token_ids: dict[str, list[int]] = {}
 
-        def render(kind: str, text: str) -> str:
-            if (kind, text) not in rendered:
-                method = {"prompt": self.prompt, "follow_up": self.follow_up_prompt, "answer": self.answer_text}[kind]
-                rendered[kind, text] = method(processor, text)
-            return rendered[kind, text]
+        def render(method, text: str) -> str:
+            key = (method.__name__, text)
+            if key not in rendered:
+                rendered[key] = method(processor, text)
+            return rendered[key]
 
         def tokens(text: str) -> list[int]:
             if text not in token_ids:
@@ -120,10 +120,10 @@ class FamilyAdapter(ABC):
         prompts, tails = [], []
         for turns in conversations:
             (question, answer), *later = turns
-            pieces = [(render("answer", answer), True)]
+            pieces = [(render(self.answer_text, answer), True)]
             for question_k, answer_k in later:
-                pieces += [(render("follow_up", question_k), False), (render("answer", answer_k), True)]
-            prompts.append(render("prompt", question))
+                pieces += [(render(self.follow_up_prompt, question_k), False), (render(self.answer_text, answer_k), True)]
+            prompts.append(render(self.prompt, question))
             tails.append(pieces)
         inputs = self._encode_with_tails(processor, [img.convert("RGB") for img in images], prompts,
                                          ["".join(text for text, _ in pieces) for pieces in tails])
