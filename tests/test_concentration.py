@@ -1,0 +1,119 @@
+"""Attention maps and concentration metrics against hand computations and independent formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vrp_utils.analysis.concentration import (
+    attention_maps, ck_dbscan, ck_text, entropy, gini, inbox_mass, map_metrics, tokens_to_mass,
+)
+
+
+def _rows(n=2, layers=2, heads=3, steps=4, tokens=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = rng.random((n, layers, heads, steps, tokens)) * 0.1
+    return rows.astype(np.float16)
+
+
+def test_step0_map_is_the_head_mean_of_step0_renormalised_over_real_tokens():
+    rows = _rows()
+    counts = np.array([6, 4])
+    maps = attention_maps(rows, counts, "step0").maps
+    for i, k in enumerate(counts):
+        for layer in range(2):
+            expected = rows[i, layer, :, 0, :k].astype(np.float64).mean(0)
+            expected /= expected.sum()
+            np.testing.assert_allclose(maps[i, layer, :k], expected, rtol=0, atol=1e-15)
+            assert (maps[i, layer, k:] == 0).all()
+
+
+def test_one_head_and_per_row_variants():
+    rows = _rows()
+    counts = np.array([6, 6])
+    one = attention_maps(rows, counts, "step0", head=2).maps
+    expected = rows[1, 0, 2, 0].astype(np.float64) / rows[1, 0, 2, 0].astype(np.float64).sum()
+    np.testing.assert_allclose(one[1, 0], expected, atol=1e-15)
+    rows[0, 1, 1, 0, :] = 0  # a row whose image mass underflowed: skipped and counted
+    per_row = attention_maps(rows, counts, "per_row")
+    assert per_row.n_rows_skipped == 1
+    kept = rows[0, 1, [0, 2], 0].astype(np.float64)
+    expected = (kept / kept.sum(1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(per_row.maps[0, 1], expected / expected.sum(), atol=1e-15)
+
+
+def test_answer_map_averages_only_the_content_steps():
+    rows = _rows(steps=4)
+    rows[:, :, :, 3] = np.nan  # a step after the end token
+    lengths = np.array([2, 1])
+    maps = attention_maps(rows, np.array([6, 6]), "answer", answer_lengths=lengths).maps
+    for i, length in enumerate(lengths):
+        expected = rows[i, 0, :, :length].astype(np.float64).mean((0, 1))
+        np.testing.assert_allclose(maps[i, 0], expected / expected.sum(), atol=1e-15)
+    empty = attention_maps(rows, np.array([6, 6]), "answer", answer_lengths=np.array([0, 1]))
+    assert np.isnan(empty.maps[0]).all() and empty.n_undefined == 1
+
+
+def test_bad_aggregate_and_head_name_the_choices():
+    with pytest.raises(ValueError, match="step0"):
+        attention_maps(_rows(), np.array([6, 6]), "mean")
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        attention_maps(_rows(), np.array([6, 6]), "step0", head=3)
+
+
+def test_entropy_and_gini_against_independent_formulas():
+    rng = np.random.default_rng(1)
+    p = rng.random(16)
+    p /= p.sum()
+    assert entropy(p) == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-12)
+    pairwise = np.abs(p[:, None] - p[None, :]).sum() / (2 * len(p) ** 2 * p.mean())
+    assert gini(p) == pytest.approx(pairwise, abs=1e-12)
+    assert gini(np.full(8, 1 / 8)) == pytest.approx(0, abs=1e-15)
+    assert gini(np.eye(8)[3]) == pytest.approx(7 / 8)
+
+
+def test_tokens_to_mass_stops_at_the_threshold_and_breaks_ties_by_index():
+    p = np.array([0.1, 0.2, 0.2, 0.5])
+    assert tokens_to_mass(p, 0.3).tolist() == [3]
+    assert tokens_to_mass(p, 0.6).tolist() == [3, 1]  # tie 0.2/0.2: the lower index first
+    assert tokens_to_mass(p, 0.7).tolist() == [3, 1]  # 0.5 + 0.2 reaches 0.7 exactly
+    assert tokens_to_mass(p, 0.71).tolist() == [3, 1, 2]
+
+
+def test_ck_text_counts_4_connected_components_minus_one():
+    grid = (4, 4)
+    p = np.zeros(16)
+    p[[0, 5, 15]] = [0.3, 0.3, 0.3]  # diagonal neighbours 0 and 5 are not 4-connected
+    p[[1, 2]] = 0.05
+    assert ck_text(p / p.sum(), grid, mass=0.9) == 2
+    q = np.zeros(16)
+    q[[0, 1, 4]] = 1 / 3  # an L: one component
+    assert ck_text(q, grid, mass=0.99) == 0
+
+
+def test_ck_dbscan_counts_clusters_without_noise():
+    grid = (8, 8)  # ceil(6.4) = 7 top tokens
+    p = np.full(64, 1e-4)
+    for index in (0, 1, 8, 54, 55, 63, 30):  # two blocks of 3 and one isolated token
+        p[index] = 1.0
+    assert ck_dbscan(p / p.sum(), grid) == 2
+    assert ck_dbscan(np.full(16, 1 / 16), (4, 4)) == 0  # 2 top tokens < min_samples: no cluster can form
+
+
+def test_scaling_a_map_changes_no_metric_after_renormalisation():
+    rows = _rows(n=1, layers=1, tokens=16)
+    a = attention_maps(rows, np.array([16])).maps[0, 0]
+    b = attention_maps((rows.astype(np.float64) * 3).astype(np.float16), np.array([16])).maps[0, 0]
+    ma, mb = map_metrics(a, (4, 4)), map_metrics(b, (4, 4))
+    for key in ma:
+        assert ma[key] == pytest.approx(mb[key], abs=1e-3)
+
+
+def test_inbox_mass_and_its_chance_level():
+    p = np.array([0.4, 0.1, 0.3, 0.2])
+    inside = np.array([True, False, False, True])
+    assert inbox_mass(p, inside) == (pytest.approx(0.6), 0.5)
+    # mass moved between tokens outside the box does not change in-box mass
+    assert inbox_mass(np.array([0.4, 0.3, 0.1, 0.2]), inside)[0] == pytest.approx(0.6)
