@@ -80,6 +80,58 @@ def test_pope_metrics_by_hand() -> None:
     assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(0.5)
 
 
+def test_pope_metrics_f1_in_popes_form() -> None:
+    """F1 is POPE's 2pr/(p+r), exactly as Python computes it, not 2tp/(2tp+fp+fn)."""
+    # TP=3 FP=1 FN=2 TN=4: P = 3/4, R = 3/5; the two forms of F1 differ in the last bit here
+    m = pope_metrics(["yes"] * 5 + ["no"] * 5, ["yes"] * 3 + ["no"] * 2 + ["yes"] + ["no"] * 4)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (3, 1, 2, 4)
+    assert m["precision"] == 0.75 and m["recall"] == 0.6
+    assert m["f1"] == 2 * 0.75 * 0.6 / 1.35 == 0.6666666666666665 != 2 * 3 / (2 * 3 + 1 + 2)
+    assert m["accuracy"] == 0.7 and m["yes_ratio"] == 0.4
+    # TP=1 FP=0 FN=4 (found by searching small counts): P = 1, R = 0.2, F1 = 0.33333333333333337 (not 1/3)
+    m = pope_metrics(["yes"] * 5, ["yes"] + ["no"] * 4)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (1, 0, 4, 0)
+    assert m["precision"] == 1.0 and m["recall"] == 0.2
+    assert m["f1"] == 0.33333333333333337 and 2 * 1 / (2 * 1 + 0 + 4) == 0.3333333333333333
+
+
+def _pope_script(labels: list[str], preds: list[str]) -> dict[str, float]:
+    """POPE's evaluate.py, transcribed (its loop over answers and its formulas), with 0 where it
+    would divide by zero."""
+    label_list = [0 if x == "no" else 1 for x in labels]
+    pred_list = [0 if x == "no" else 1 for x in preds]
+    pos, neg = 1, 0
+    yes_ratio = pred_list.count(1) / len(pred_list)
+    TP, TN, FP, FN = 0, 0, 0, 0
+    for pred, label in zip(pred_list, label_list):
+        if pred == pos and label == pos:
+            TP += 1
+        elif pred == pos and label == neg:
+            FP += 1
+        elif pred == neg and label == neg:
+            TN += 1
+        elif pred == neg and label == pos:
+            FN += 1
+    precision = float(TP) / float(TP + FP) if TP + FP else 0.0
+    recall = float(TP) / float(TP + FN) if TP + FN else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    acc = (TP + TN) / (TP + TN + FP + FN)
+    return {"accuracy": acc, "precision": precision, "recall": recall, "f1": f1, "yes_ratio": yes_ratio,
+            "tp": TP, "fp": FP, "tn": TN, "fn": FN}
+
+
+def test_pope_metrics_equal_popes_script_exactly() -> None:
+    """Bit-for-bit equal to an independent transcription of POPE's script on many prediction sets
+    (sizes 1..60, every yes rate), including all-yes and all-no answers."""
+    rng = np.random.default_rng(1)
+    for trial in range(400):
+        n = int(rng.integers(1, 61))
+        labels = rng.choice(["yes", "no"], n, p=[q := rng.uniform(), 1 - q]).tolist()
+        preds = rng.choice(["yes", "no"], n, p=[q := rng.choice([0.0, 1.0, rng.uniform()]), 1 - q]).tolist()
+        m, ref = pope_metrics(labels, preds), _pope_script(labels, preds)
+        assert {k: m[k] for k in ref} == ref, (trial, labels, preds)
+
+
 def test_pope_metrics_match_sklearn() -> None:
     rng = np.random.default_rng(0)
     labels = rng.choice(["yes", "no"], 500).tolist()

@@ -22,7 +22,6 @@ from typing import Any, Literal, Sequence, overload
 import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from vrp_utils.paths import BENCHMARK_DIR
 
@@ -318,8 +317,13 @@ def parse_answer(text: str, rule: Literal["pope", "strict"] = "pope",
 def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict[str, float | int]:
     """POPE's table: accuracy, precision, recall, F1 ("yes" is positive), yes_ratio, n, and counts.
 
-    Precision/recall/F1 with no predicted (or no actual) "yes" are 0.0, not an error or NaN
-    (``zero_division=0.0``) — a model answering always "no" gets F1 0.
+    Computed from the counts in the form of POPE's own evaluation script, so the numbers agree
+    with it to the last bit: accuracy ``(tp + tn) / n``, precision ``p = tp / (tp + fp)``, recall
+    ``r = tp / (tp + fn)``, F1 ``2 * p * r / (p + r)`` (not ``2tp / (2tp + fp + fn)``, which
+    differs in the last bit on about a third of count triples), yes_ratio ``(tp + fp) / n``.
+    Where POPE's script would divide by zero the value is 0.0, not an error or NaN: precision with
+    no predicted "yes", recall with no actual "yes", F1 where ``p + r == 0``. So a model answering
+    always "no" gets F1 0.
     """
     y_true = _as_yes_no(labels, "labels")
     y_pred = _as_yes_no(predictions, "predictions")
@@ -327,14 +331,18 @@ def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict[str,
         raise ValueError(f"labels and predictions differ in length: {len(y_true)} vs {len(y_pred)}")
     if len(y_true) == 0:
         raise ValueError("no examples to score")
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, pos_label="yes", average="binary", zero_division=0.0)
-    (tn, fp), (fn, tp) = confusion_matrix(y_true, y_pred, labels=["no", "yes"])
+    true_yes, pred_yes = y_true == "yes", y_pred == "yes"
+    tp = int(np.sum(true_yes & pred_yes))
+    fp = int(np.sum(~true_yes & pred_yes))
+    tn = int(np.sum(~true_yes & ~pred_yes))
+    fn = int(np.sum(true_yes & ~pred_yes))
+    n = tp + fp + tn + fn
+    precision = float(tp) / float(tp + fp) if tp + fp else 0.0
+    recall = float(tp) / float(tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision": float(precision), "recall": float(recall), "f1": float(f1),
-        "yes_ratio": float(np.mean(y_pred == "yes")), "n": int(len(y_true)),
-        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+        "accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+        "yes_ratio": (tp + fp) / n, "n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
     }
 
 
