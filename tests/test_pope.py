@@ -63,6 +63,9 @@ def test_parse_answer_bad_rule_and_type() -> None:
 def test_parse_object() -> None:
     assert parse_object("Is there a dining table in the image?") == "dining table"
     assert parse_object("Is there an apple in the image?") == "apple"
+    # the object keeps the question's capitals; only the frame is matched in any case
+    assert parse_object("Is there a TV in the image?") == "TV"
+    assert parse_object("is there A Teddy Bear IN THE IMAGE?") == "Teddy Bear"
     for bad in ["Is there a in the image?", "Is the cup in the image?", "Is there a cup?", "cup"]:
         with pytest.raises(ValueError, match="does not match"):
             parse_object(bad)

@@ -89,7 +89,8 @@ class LoadReport:
 def parse_object(question: str) -> str:
     """The object of a POPE question, ``"Is there a dining table in the image?" -> "dining table"``.
 
-    Raises ``ValueError`` when the text is not of that form (so a typo never becomes a new object).
+    The object keeps the question's spelling and capitals (``"Is there a TV in the image?" -> "TV"``);
+    only the surrounding words are matched case-insensitively. Raises ``ValueError`` when the text is not of that form (so a typo never becomes a new object).
     """
     match = _QUESTION_RE.match(question)
     if not match:
