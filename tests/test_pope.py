@@ -248,11 +248,43 @@ def test_json_array_input(pope_dir: Path) -> None:
     ds = load_pope(q, pope_dir / "val2014")
     assert len(ds) == 3 and ds["setting"][0] == "popular"
     q.write_text(json.dumps([json.loads(GOOD[0]), {"question_id": 2, "image": "x.jpg", "label": "yes"}]))
-    with pytest.raises(PopeFormatError, match=r"line 2: missing key: text"):
+    with pytest.raises(PopeFormatError, match=r"pope_popular.json, element 2: missing key: text") as info:
+        load_pope(q, pope_dir / "val2014")
+    assert "line" not in str(info.value) and (info.value.element, info.value.line) == (2, None)
+    q.write_text(json.dumps([json.loads(GOOD[0]), json.loads(GOOD[1]), json.loads(GOOD[0])], indent=2))
+    with pytest.raises(PopeFormatError, match=r"element 3: duplicate question_id: 1 \(first on element 1\)"):
         load_pope(q, pope_dir / "val2014")
     q.write_text("[" + GOOD[0] + ",")
     with pytest.raises(PopeFormatError, match="malformed JSON array"):
         load_pope(q, pope_dir / "val2014")
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n", "[]", "\ufeff\n", " [ ]\n"])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_empty_question_file_fails_naming_it(pope_dir: Path, content: str, on_error: str) -> None:
+    q = pope_dir / "coco_pope_random.json"
+    q.write_text(content, encoding="utf-8")
+    with pytest.raises(PopeFormatError, match="empty file") as info:
+        load_pope(q, pope_dir / "val2014", on_error=on_error)  # type: ignore[arg-type]
+    assert str(q) in str(info.value) and info.value.path == q
+
+
+def test_empty_boxes_file_fails_naming_it(pope_dir: Path) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text("\n".join(GOOD) + "\n")
+    boxes = pope_dir / "boxes.jsonl"
+    boxes.write_text("\n")
+    with pytest.raises(PopeFormatError, match=r"boxes.jsonl: empty file"):
+        load_pope(q, pope_dir / "val2014", boxes=boxes, on_error="skip")
+
+
+def test_byte_order_mark_keeps_the_first_row(pope_dir: Path) -> None:
+    q = pope_dir / "coco_pope_popular.json"
+    for text in ["\n".join(GOOD) + "\n", json.dumps([json.loads(r) for r in GOOD])]:
+        q.write_text(text, encoding="utf-8-sig")
+        assert q.read_bytes().startswith(b"\xef\xbb\xbf")
+        ds, report = load_pope(q, pope_dir / "val2014", on_error="skip", return_report=True)
+        assert ds["question_id"] == [1, 2, 3] and report.n_skipped == 0
 
 
 def test_boxes_are_attached_and_checked(pope_dir: Path) -> None:
