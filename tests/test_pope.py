@@ -287,6 +287,27 @@ def test_byte_order_mark_keeps_the_first_row(pope_dir: Path) -> None:
         assert ds["question_id"] == [1, 2, 3] and report.n_skipped == 0
 
 
+def test_skip_report_keeps_boxes_problems_apart(pope_dir: Path) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text("\n".join(GOOD[:2]) + "\n")  # two questions, both on image 0
+    boxes = pope_dir / "boxes.jsonl"
+    bad = {"image": "COCO_val2014_000000000000.jpg", "objects": [{"category": "cup", "bbox": [1, 2]}]}
+    boxes.write_text("\n".join([json.dumps(bad), "{oops", json.dumps({"image": "x.jpg"}),
+                                json.dumps({"image": "y.jpg", "objects": []})]) + "\n")
+    ds, report = load_pope(q, pope_dir / "val2014", boxes=boxes, on_error="skip", return_report=True)
+    assert len(ds) == 0
+    summary = report.summary()
+    assert f"{q}: 0 of 2 rows loaded, 2 skipped (missing boxes: 2)" in summary, summary
+    assert f"{boxes}: 1 of 4 rows loaded, 3 skipped (bad object: 1, malformed JSON: 1, missing key: 1)" in summary
+    assert (report.n_rows, report.n_loaded, report.n_skipped) == (2, 0, 2)
+    assert (report.n_boxes_rows, report.n_boxes_loaded, report.n_boxes_skipped) == (4, 1, 3)
+    assert report.counts_by_problem() == {"missing boxes": 2}
+    assert report.counts_by_problem("boxes") == {"bad object": 1, "malformed JSON": 1, "missing key": 1}
+    assert all(e.path == q for e in report.skipped) and all(e.path == boxes for e in report.boxes_skipped)
+    with pytest.warns(UserWarning, match="boxes.jsonl: 1 of 4 rows loaded, 3 skipped"):
+        load_pope(q, pope_dir / "val2014", boxes=boxes, on_error="skip")
+
+
 def test_boxes_are_attached_and_checked(pope_dir: Path) -> None:
     q = pope_dir / "q.jsonl"
     q.write_text("\n".join(GOOD) + "\n")

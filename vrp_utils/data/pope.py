@@ -6,7 +6,8 @@ One loader for both sources, so every downstream step sees the same columns:
 Files are read as UTF-8 with an optional byte-order mark (``utf-8-sig``). Bad rows are never
 dropped silently: ``on_error="raise"`` (default) raises :class:`PopeFormatError` naming the file,
 where in it (``line N`` of a JSON Lines file, ``element N`` of a JSON array) and the problem;
-``on_error="skip"`` skips the row and records it in a :class:`LoadReport`. Get the report with
+``on_error="skip"`` skips the row and records it in a :class:`LoadReport`, which keeps the question
+file's rows and the boxes file's rows apart. Get the report with
 ``load_pope(..., return_report=True) -> (dataset, report)``; without it, skipped rows are announced
 with a ``warnings.warn`` carrying the report summary. A file with no rows at all (empty, blank
 lines only, or ``[]``) is an error under either policy: nothing to load is never a silent success.
@@ -72,25 +73,50 @@ class AnswerParseError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pope` read, kept and skipped (with ``on_error="skip"``)."""
+    """What :func:`load_pope` read, kept and skipped (with ``on_error="skip"``), per file.
+
+    ``n_rows``, ``n_loaded`` and ``skipped`` count the question file's rows only; the boxes file's
+    rows are counted apart in ``n_boxes_rows``, ``n_boxes_loaded`` and ``boxes_skipped`` (a question
+    row whose image lost its boxes to a bad boxes row is skipped as "missing boxes" in the questions).
+    """
 
     questions_file: Path
     n_rows: int = 0
     n_loaded: int = 0
     skipped: list[PopeFormatError] = field(default_factory=list)
+    boxes_file: Path | None = None
+    n_boxes_rows: int = 0
+    n_boxes_loaded: int = 0
+    boxes_skipped: list[PopeFormatError] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
+        """Question rows skipped."""
         return len(self.skipped)
 
-    def counts_by_problem(self) -> dict[str, int]:
-        """Skipped rows per kind of problem (the text before the first ':')."""
-        return dict(Counter(e.problem.split(":")[0] for e in self.skipped))
+    @property
+    def n_boxes_skipped(self) -> int:
+        """Boxes rows skipped."""
+        return len(self.boxes_skipped)
+
+    def counts_by_problem(self, file: Literal["questions", "boxes"] = "questions") -> dict[str, int]:
+        """Skipped rows of one file per kind of problem (the text before the first ':')."""
+        skipped = {"questions": self.skipped, "boxes": self.boxes_skipped}[file]
+        return dict(Counter(e.problem.split(":")[0] for e in skipped))
 
     def summary(self) -> str:
-        text = f"{self.questions_file}: {self.n_loaded} of {self.n_rows} rows loaded, {self.n_skipped} skipped"
-        if self.skipped:
-            text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.counts_by_problem().items())) + ")"
+        """One clause per file read, e.g. ``q.jsonl: 0 of 2 rows loaded, 2 skipped (missing boxes: 2);
+        boxes.jsonl: 0 of 3 rows loaded, 3 skipped (bad object: 3)``."""
+        parts = [self._clause(self.questions_file, self.n_loaded, self.n_rows, "questions")]
+        if self.boxes_file is not None:
+            parts.append(self._clause(self.boxes_file, self.n_boxes_loaded, self.n_boxes_rows, "boxes"))
+        return "; ".join(parts)
+
+    def _clause(self, path: Path, loaded: int, rows: int, file: Literal["questions", "boxes"]) -> str:
+        counts = self.counts_by_problem(file)
+        text = f"{path}: {loaded} of {rows} rows loaded, {sum(counts.values())} skipped"
+        if counts:
+            text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")"
         return text
 
 
@@ -167,10 +193,12 @@ def _check_image(path: Path) -> str | None:
 
 
 def _load_boxes(path: Path, on_error: ErrorPolicy, report: LoadReport) -> dict[str, list[dict]]:
-    """``image -> objects`` from a boxes JSONL (our sidecar format)."""
+    """``image -> objects`` from a boxes JSONL (our sidecar format); counts go to the report's boxes fields."""
     boxes: dict[str, list[dict]] = {}
+    report.boxes_file = path
     unit, records = _read_records(path)
     for lineno, rec in records:
+        report.n_boxes_rows += 1
         try:
             if isinstance(rec, Exception):
                 raise _error_at(path, unit, lineno, f"malformed JSON: {rec}")
@@ -188,7 +216,9 @@ def _load_boxes(path: Path, on_error: ErrorPolicy, report: LoadReport) -> dict[s
         except PopeFormatError as err:
             if on_error == "raise":
                 raise
-            report.skipped.append(err)
+            report.boxes_skipped.append(err)
+            continue
+        report.n_boxes_loaded += 1
     return boxes
 
 
@@ -217,6 +247,8 @@ def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | 
     Files are read as ``utf-8-sig`` (a byte-order mark is fine). Errors name the file and
     ``line N`` (JSON Lines) or ``element N`` (JSON array). An empty question or boxes file (no
     rows, blank lines only, or ``[]``) raises :class:`PopeFormatError` whatever ``on_error`` says.
+    With ``on_error="skip"`` the :class:`LoadReport` counts question rows and boxes rows apart, and
+    its summary names each file with its own counts.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -284,7 +316,7 @@ def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | 
     dataset = datasets.Dataset.from_dict(columns, features=FEATURES)
     if return_report:
         return dataset, report
-    if report.skipped:
+    if report.skipped or report.boxes_skipped:
         warnings.warn(f"load_pope skipped rows: {report.summary()}", stacklevel=2)
     return dataset
 
