@@ -63,6 +63,9 @@ def test_parse_answer_bad_rule_and_type() -> None:
 def test_parse_object() -> None:
     assert parse_object("Is there a dining table in the image?") == "dining table"
     assert parse_object("Is there an apple in the image?") == "apple"
+    # the object keeps the question's capitals; only the frame is matched in any case
+    assert parse_object("Is there a TV in the image?") == "TV"
+    assert parse_object("is there A Teddy Bear IN THE IMAGE?") == "Teddy Bear"
     for bad in ["Is there a in the image?", "Is the cup in the image?", "Is there a cup?", "cup"]:
         with pytest.raises(ValueError, match="does not match"):
             parse_object(bad)
@@ -78,6 +81,58 @@ def test_pope_metrics_by_hand() -> None:
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(0.5)
+
+
+def test_pope_metrics_f1_in_popes_form() -> None:
+    """F1 is POPE's 2pr/(p+r), exactly as Python computes it, not 2tp/(2tp+fp+fn)."""
+    # TP=3 FP=1 FN=2 TN=4: P = 3/4, R = 3/5; the two forms of F1 differ in the last bit here
+    m = pope_metrics(["yes"] * 5 + ["no"] * 5, ["yes"] * 3 + ["no"] * 2 + ["yes"] + ["no"] * 4)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (3, 1, 2, 4)
+    assert m["precision"] == 0.75 and m["recall"] == 0.6
+    assert m["f1"] == 2 * 0.75 * 0.6 / 1.35 == 0.6666666666666665 != 2 * 3 / (2 * 3 + 1 + 2)
+    assert m["accuracy"] == 0.7 and m["yes_ratio"] == 0.4
+    # TP=1 FP=0 FN=4 (found by searching small counts): P = 1, R = 0.2, F1 = 0.33333333333333337 (not 1/3)
+    m = pope_metrics(["yes"] * 5, ["yes"] + ["no"] * 4)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (1, 0, 4, 0)
+    assert m["precision"] == 1.0 and m["recall"] == 0.2
+    assert m["f1"] == 0.33333333333333337 and 2 * 1 / (2 * 1 + 0 + 4) == 0.3333333333333333
+
+
+def _pope_script(labels: list[str], preds: list[str]) -> dict[str, float]:
+    """POPE's evaluate.py, transcribed (its loop over answers and its formulas), with 0 where it
+    would divide by zero."""
+    label_list = [0 if x == "no" else 1 for x in labels]
+    pred_list = [0 if x == "no" else 1 for x in preds]
+    pos, neg = 1, 0
+    yes_ratio = pred_list.count(1) / len(pred_list)
+    TP, TN, FP, FN = 0, 0, 0, 0
+    for pred, label in zip(pred_list, label_list):
+        if pred == pos and label == pos:
+            TP += 1
+        elif pred == pos and label == neg:
+            FP += 1
+        elif pred == neg and label == neg:
+            TN += 1
+        elif pred == neg and label == pos:
+            FN += 1
+    precision = float(TP) / float(TP + FP) if TP + FP else 0.0
+    recall = float(TP) / float(TP + FN) if TP + FN else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    acc = (TP + TN) / (TP + TN + FP + FN)
+    return {"accuracy": acc, "precision": precision, "recall": recall, "f1": f1, "yes_ratio": yes_ratio,
+            "tp": TP, "fp": FP, "tn": TN, "fn": FN}
+
+
+def test_pope_metrics_equal_popes_script_exactly() -> None:
+    """Bit-for-bit equal to an independent transcription of POPE's script on many prediction sets
+    (sizes 1..60, every yes rate), including all-yes and all-no answers."""
+    rng = np.random.default_rng(1)
+    for trial in range(400):
+        n = int(rng.integers(1, 61))
+        labels = rng.choice(["yes", "no"], n, p=[q := rng.uniform(), 1 - q]).tolist()
+        preds = rng.choice(["yes", "no"], n, p=[q := rng.choice([0.0, 1.0, rng.uniform()]), 1 - q]).tolist()
+        m, ref = pope_metrics(labels, preds), _pope_script(labels, preds)
+        assert {k: m[k] for k in ref} == ref, (trial, labels, preds)
 
 
 def test_pope_metrics_match_sklearn() -> None:
@@ -193,11 +248,64 @@ def test_json_array_input(pope_dir: Path) -> None:
     ds = load_pope(q, pope_dir / "val2014")
     assert len(ds) == 3 and ds["setting"][0] == "popular"
     q.write_text(json.dumps([json.loads(GOOD[0]), {"question_id": 2, "image": "x.jpg", "label": "yes"}]))
-    with pytest.raises(PopeFormatError, match=r"line 2: missing key: text"):
+    with pytest.raises(PopeFormatError, match=r"pope_popular.json, element 2: missing key: text") as info:
+        load_pope(q, pope_dir / "val2014")
+    assert "line" not in str(info.value) and (info.value.element, info.value.line) == (2, None)
+    q.write_text(json.dumps([json.loads(GOOD[0]), json.loads(GOOD[1]), json.loads(GOOD[0])], indent=2))
+    with pytest.raises(PopeFormatError, match=r"element 3: duplicate question_id: 1 \(first on element 1\)"):
         load_pope(q, pope_dir / "val2014")
     q.write_text("[" + GOOD[0] + ",")
     with pytest.raises(PopeFormatError, match="malformed JSON array"):
         load_pope(q, pope_dir / "val2014")
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n", "[]", "\ufeff\n", " [ ]\n"])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_empty_question_file_fails_naming_it(pope_dir: Path, content: str, on_error: str) -> None:
+    q = pope_dir / "coco_pope_random.json"
+    q.write_text(content, encoding="utf-8")
+    with pytest.raises(PopeFormatError, match="empty file") as info:
+        load_pope(q, pope_dir / "val2014", on_error=on_error)  # type: ignore[arg-type]
+    assert str(q) in str(info.value) and info.value.path == q
+
+
+def test_empty_boxes_file_fails_naming_it(pope_dir: Path) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text("\n".join(GOOD) + "\n")
+    boxes = pope_dir / "boxes.jsonl"
+    boxes.write_text("\n")
+    with pytest.raises(PopeFormatError, match=r"boxes.jsonl: empty file"):
+        load_pope(q, pope_dir / "val2014", boxes=boxes, on_error="skip")
+
+
+def test_byte_order_mark_keeps_the_first_row(pope_dir: Path) -> None:
+    q = pope_dir / "coco_pope_popular.json"
+    for text in ["\n".join(GOOD) + "\n", json.dumps([json.loads(r) for r in GOOD])]:
+        q.write_text(text, encoding="utf-8-sig")
+        assert q.read_bytes().startswith(b"\xef\xbb\xbf")
+        ds, report = load_pope(q, pope_dir / "val2014", on_error="skip", return_report=True)
+        assert ds["question_id"] == [1, 2, 3] and report.n_skipped == 0
+
+
+def test_skip_report_keeps_boxes_problems_apart(pope_dir: Path) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text("\n".join(GOOD[:2]) + "\n")  # two questions, both on image 0
+    boxes = pope_dir / "boxes.jsonl"
+    bad = {"image": "COCO_val2014_000000000000.jpg", "objects": [{"category": "cup", "bbox": [1, 2]}]}
+    boxes.write_text("\n".join([json.dumps(bad), "{oops", json.dumps({"image": "x.jpg"}),
+                                json.dumps({"image": "y.jpg", "objects": []})]) + "\n")
+    ds, report = load_pope(q, pope_dir / "val2014", boxes=boxes, on_error="skip", return_report=True)
+    assert len(ds) == 0
+    summary = report.summary()
+    assert f"{q}: 0 of 2 rows loaded, 2 skipped (missing boxes: 2)" in summary, summary
+    assert f"{boxes}: 1 of 4 rows loaded, 3 skipped (bad object: 1, malformed JSON: 1, missing key: 1)" in summary
+    assert (report.n_rows, report.n_loaded, report.n_skipped) == (2, 0, 2)
+    assert (report.n_boxes_rows, report.n_boxes_loaded, report.n_boxes_skipped) == (4, 1, 3)
+    assert report.counts_by_problem() == {"missing boxes": 2}
+    assert report.counts_by_problem("boxes") == {"bad object": 1, "malformed JSON": 1, "missing key": 1}
+    assert all(e.path == q for e in report.skipped) and all(e.path == boxes for e in report.boxes_skipped)
+    with pytest.warns(UserWarning, match="boxes.jsonl: 1 of 4 rows loaded, 3 skipped"):
+        load_pope(q, pope_dir / "val2014", boxes=boxes, on_error="skip")
 
 
 def test_boxes_are_attached_and_checked(pope_dir: Path) -> None:

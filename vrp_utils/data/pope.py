@@ -3,10 +3,14 @@
 One loader for both sources, so every downstream step sees the same columns:
 ``question_id, image_file, image, question, label, object, setting, boxes``.
 
-Bad rows are never dropped silently: ``on_error="raise"`` (default) raises :class:`PopeFormatError`
-naming the file, the line and the problem; ``on_error="skip"`` skips the row and records it in a
-:class:`LoadReport`. Get the report with ``load_pope(..., return_report=True) -> (dataset, report)``;
-without it, skipped rows are announced with a ``warnings.warn`` carrying the report summary.
+Files are read as UTF-8 with an optional byte-order mark (``utf-8-sig``). Bad rows are never
+dropped silently: ``on_error="raise"`` (default) raises :class:`PopeFormatError` naming the file,
+where in it (``line N`` of a JSON Lines file, ``element N`` of a JSON array) and the problem;
+``on_error="skip"`` skips the row and records it in a :class:`LoadReport`, which keeps the question
+file's rows and the boxes file's rows apart. Get the report with
+``load_pope(..., return_report=True) -> (dataset, report)``; without it, skipped rows are announced
+with a ``warnings.warn`` carrying the report summary. A file with no rows at all (empty, blank
+lines only, or ``[]``) is an error under either policy: nothing to load is never a silent success.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from typing import Any, Literal, Sequence, overload
 import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from vrp_utils.paths import BENCHMARK_DIR
 
@@ -51,11 +54,16 @@ _SETTING_RE = re.compile(r"(random|popular|adversarial)", re.IGNORECASE)
 
 
 class PopeFormatError(ValueError):
-    """A POPE question/boxes file has a bad row; the message names file, line and problem."""
+    """A POPE question/boxes file is bad; the message names the file, where in it, and the problem.
 
-    def __init__(self, path: str | Path, line: int | None, problem: str):
-        self.path, self.line, self.problem = Path(path), line, problem
-        where = f"{path}" + (f", line {line}" if line is not None else "")
+    ``line`` is the 1-based line of a JSON Lines file; ``element`` the 1-based element of a JSON
+    array file (then ``line`` is None). Both are None for a problem with the whole file (e.g. empty).
+    """
+
+    def __init__(self, path: str | Path, line: int | None, problem: str, *, element: int | None = None):
+        self.path, self.line, self.element, self.problem = Path(path), line, element, problem
+        where = f"{path}" + (f", line {line}" if line is not None else "") + (
+            f", element {element}" if element is not None else "")
         super().__init__(f"{where}: {problem}")
 
 
@@ -65,32 +73,58 @@ class AnswerParseError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pope` read, kept and skipped (with ``on_error="skip"``)."""
+    """What :func:`load_pope` read, kept and skipped (with ``on_error="skip"``), per file.
+
+    ``n_rows``, ``n_loaded`` and ``skipped`` count the question file's rows only; the boxes file's
+    rows are counted apart in ``n_boxes_rows``, ``n_boxes_loaded`` and ``boxes_skipped`` (a question
+    row whose image lost its boxes to a bad boxes row is skipped as "missing boxes" in the questions).
+    """
 
     questions_file: Path
     n_rows: int = 0
     n_loaded: int = 0
     skipped: list[PopeFormatError] = field(default_factory=list)
+    boxes_file: Path | None = None
+    n_boxes_rows: int = 0
+    n_boxes_loaded: int = 0
+    boxes_skipped: list[PopeFormatError] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
+        """Question rows skipped."""
         return len(self.skipped)
 
-    def counts_by_problem(self) -> dict[str, int]:
-        """Skipped rows per kind of problem (the text before the first ':')."""
-        return dict(Counter(e.problem.split(":")[0] for e in self.skipped))
+    @property
+    def n_boxes_skipped(self) -> int:
+        """Boxes rows skipped."""
+        return len(self.boxes_skipped)
+
+    def counts_by_problem(self, file: Literal["questions", "boxes"] = "questions") -> dict[str, int]:
+        """Skipped rows of one file per kind of problem (the text before the first ':')."""
+        skipped = {"questions": self.skipped, "boxes": self.boxes_skipped}[file]
+        return dict(Counter(e.problem.split(":")[0] for e in skipped))
 
     def summary(self) -> str:
-        text = f"{self.questions_file}: {self.n_loaded} of {self.n_rows} rows loaded, {self.n_skipped} skipped"
-        if self.skipped:
-            text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.counts_by_problem().items())) + ")"
+        """One clause per file read, e.g. ``q.jsonl: 0 of 2 rows loaded, 2 skipped (missing boxes: 2);
+        boxes.jsonl: 0 of 3 rows loaded, 3 skipped (bad object: 3)``."""
+        parts = [self._clause(self.questions_file, self.n_loaded, self.n_rows, "questions")]
+        if self.boxes_file is not None:
+            parts.append(self._clause(self.boxes_file, self.n_boxes_loaded, self.n_boxes_rows, "boxes"))
+        return "; ".join(parts)
+
+    def _clause(self, path: Path, loaded: int, rows: int, file: Literal["questions", "boxes"]) -> str:
+        counts = self.counts_by_problem(file)
+        text = f"{path}: {loaded} of {rows} rows loaded, {sum(counts.values())} skipped"
+        if counts:
+            text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")"
         return text
 
 
 def parse_object(question: str) -> str:
     """The object of a POPE question, ``"Is there a dining table in the image?" -> "dining table"``.
 
-    Raises ``ValueError`` when the text is not of that form (so a typo never becomes a new object).
+    The object keeps the question's spelling and capitals (``"Is there a TV in the image?" -> "TV"``);
+    only the surrounding words are matched case-insensitively. Raises ``ValueError`` when the text is not of that form (so a typo never becomes a new object).
     """
     match = _QUESTION_RE.match(question)
     if not match:
@@ -103,19 +137,28 @@ def _infer_setting(path: Path) -> str:
     return match.group(1).lower() if match else path.stem
 
 
-def _read_records(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON or the exception) for a JSON Lines file or a JSON array file.
+_Unit = Literal["line", "element"]
 
-    Errors are returned, not raised, so the caller applies one error policy to every kind.
-    For a JSON array the "line" is the 1-based element index.
+
+def _read_records(path: Path) -> tuple[_Unit, list[tuple[int, Any]]]:
+    """Where rows are counted (``"line"`` or ``"element"``) and (1-based position, parsed JSON or
+    the exception) per row of a JSON Lines file or a JSON array file.
+
+    Read as ``utf-8-sig``, so a byte-order mark does not cost the first row. Row errors are
+    returned, not raised, so the caller applies one error policy to every kind; a file with no
+    rows (empty, blank lines only, ``[]``) or a broken JSON array raises :class:`PopeFormatError`.
     """
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise PopeFormatError(path, None, "empty file: no rows (expected JSON Lines or a JSON array of rows)")
     if text.lstrip().startswith("["):
         try:
             array = json.loads(text)
         except json.JSONDecodeError as exc:  # one broken array: nothing to salvage row by row
             raise PopeFormatError(path, exc.lineno, f"malformed JSON array: {exc.msg}") from exc
-        return list(enumerate(array, start=1))
+        if not array:
+            raise PopeFormatError(path, None, "empty file: the JSON array has no rows")
+        return "element", list(enumerate(array, start=1))
     records: list[tuple[int, Any]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -124,7 +167,14 @@ def _read_records(path: Path) -> list[tuple[int, Any]]:
             records.append((lineno, json.loads(line)))
         except json.JSONDecodeError as exc:
             records.append((lineno, exc))
-    return records
+    return "line", records
+
+
+def _error_at(path: Path, unit: _Unit, position: int, problem: str) -> PopeFormatError:
+    """A row's error, located by line (JSON Lines) or by element (JSON array)."""
+    if unit == "element":
+        return PopeFormatError(path, None, problem, element=position)
+    return PopeFormatError(path, position, problem)
 
 
 def _check_image(path: Path) -> str | None:
@@ -143,26 +193,32 @@ def _check_image(path: Path) -> str | None:
 
 
 def _load_boxes(path: Path, on_error: ErrorPolicy, report: LoadReport) -> dict[str, list[dict]]:
-    """``image -> objects`` from a boxes JSONL (our sidecar format)."""
+    """``image -> objects`` from a boxes JSONL (our sidecar format); counts go to the report's boxes fields."""
     boxes: dict[str, list[dict]] = {}
-    for lineno, rec in _read_records(path):
+    report.boxes_file = path
+    unit, records = _read_records(path)
+    for lineno, rec in records:
+        report.n_boxes_rows += 1
         try:
             if isinstance(rec, Exception):
-                raise PopeFormatError(path, lineno, f"malformed JSON: {rec}")
+                raise _error_at(path, unit, lineno, f"malformed JSON: {rec}")
             if not isinstance(rec, dict) or "image" not in rec or "objects" not in rec:
-                raise PopeFormatError(path, lineno, "missing key: boxes rows need 'image' and 'objects'")
+                raise _error_at(path, unit, lineno, "missing key: boxes rows need 'image' and 'objects'")
             objects = []
             for obj in rec["objects"]:
                 bbox = obj.get("bbox") if isinstance(obj, dict) else None
                 if (not isinstance(obj, dict) or not isinstance(obj.get("category"), str) or not isinstance(bbox, list)
                         or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)):
-                    raise PopeFormatError(path, lineno, f"bad object: expected {{category, bbox: [x0,y0,x1,y1]}}, got {obj!r}")
+                    raise _error_at(path, unit, lineno,
+                                    f"bad object: expected {{category, bbox: [x0,y0,x1,y1]}}, got {obj!r}")
                 objects.append({"category": obj["category"], "bbox": [int(round(v)) for v in bbox]})
             boxes[str(rec["image"])] = objects
         except PopeFormatError as err:
             if on_error == "raise":
                 raise
-            report.skipped.append(err)
+            report.boxes_skipped.append(err)
+            continue
+        report.n_boxes_loaded += 1
     return boxes
 
 
@@ -187,6 +243,12 @@ def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | 
     image when a ``boxes`` file is given. ``setting`` defaults to random/popular/adversarial found
     in the file name, else the file stem. Extra keys (e.g. COCO's ``image_id``) are ignored.
     The ``image`` column is a ``datasets.Image`` that decodes to ``PIL.Image`` on access.
+
+    Files are read as ``utf-8-sig`` (a byte-order mark is fine). Errors name the file and
+    ``line N`` (JSON Lines) or ``element N`` (JSON array). An empty question or boxes file (no
+    rows, blank lines only, or ``[]``) raises :class:`PopeFormatError` whatever ``on_error`` says.
+    With ``on_error="skip"`` the :class:`LoadReport` counts question rows and boxes rows apart, and
+    its summary names each file with its own counts.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -202,38 +264,39 @@ def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | 
     seen_ids: dict[int, int] = {}  # question_id -> line of the loaded row
     columns: dict[str, list] = {name: [] for name in FEATURES}
 
-    for lineno, rec in _read_records(questions):
+    unit, records = _read_records(questions)
+    for lineno, rec in records:
         report.n_rows += 1
         try:
             if isinstance(rec, Exception):
-                raise PopeFormatError(questions, lineno, f"malformed JSON: {rec}")
+                raise _error_at(questions, unit, lineno, f"malformed JSON: {rec}")
             if not isinstance(rec, dict):
-                raise PopeFormatError(questions, lineno, f"malformed row: expected a JSON object, got {type(rec).__name__}")
+                raise _error_at(questions, unit, lineno, f"malformed row: expected a JSON object, got {type(rec).__name__}")
             missing = [k for k in _REQUIRED_KEYS if k not in rec]
             if missing:
-                raise PopeFormatError(questions, lineno, f"missing key: {', '.join(missing)}")
+                raise _error_at(questions, unit, lineno, f"missing key: {', '.join(missing)}")
             qid = rec["question_id"]
             if isinstance(qid, bool) or not isinstance(qid, int):
-                raise PopeFormatError(questions, lineno, f"bad question_id: expected an integer, got {qid!r}")
+                raise _error_at(questions, unit, lineno, f"bad question_id: expected an integer, got {qid!r}")
             if qid in seen_ids:
-                raise PopeFormatError(questions, lineno, f"duplicate question_id: {qid} (first on line {seen_ids[qid]})")
+                raise _error_at(questions, unit, lineno, f"duplicate question_id: {qid} (first on {unit} {seen_ids[qid]})")
             label = rec["label"]
             if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
-                raise PopeFormatError(questions, lineno, f"bad label: expected 'yes' or 'no', got {label!r}")
+                raise _error_at(questions, unit, lineno, f"bad label: expected 'yes' or 'no', got {label!r}")
             text = rec["text"]
             if not isinstance(text, str):
-                raise PopeFormatError(questions, lineno, f"bad question: text must be a string, got {text!r}")
+                raise _error_at(questions, unit, lineno, f"bad question: text must be a string, got {text!r}")
             try:
                 obj = parse_object(text)
             except ValueError as exc:
-                raise PopeFormatError(questions, lineno, f"bad question: {exc}") from None
+                raise _error_at(questions, unit, lineno, f"bad question: {exc}") from None
             image_file = str(rec["image"])
             if image_file not in image_status:
                 image_status[image_file] = _check_image(image_dir / image_file)
             if image_status[image_file] is not None:
-                raise PopeFormatError(questions, lineno, image_status[image_file])
+                raise _error_at(questions, unit, lineno, image_status[image_file])
             if box_map is not None and image_file not in box_map:
-                raise PopeFormatError(questions, lineno, f"missing boxes: {image_file} not in {boxes}")
+                raise _error_at(questions, unit, lineno, f"missing boxes: {image_file} not in {boxes}")
         except PopeFormatError as err:
             if on_error == "raise":
                 raise
@@ -253,7 +316,7 @@ def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | 
     dataset = datasets.Dataset.from_dict(columns, features=FEATURES)
     if return_report:
         return dataset, report
-    if report.skipped:
+    if report.skipped or report.boxes_skipped:
         warnings.warn(f"load_pope skipped rows: {report.summary()}", stacklevel=2)
     return dataset
 
@@ -318,8 +381,13 @@ def parse_answer(text: str, rule: Literal["pope", "strict"] = "pope",
 def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict[str, float | int]:
     """POPE's table: accuracy, precision, recall, F1 ("yes" is positive), yes_ratio, n, and counts.
 
-    Precision/recall/F1 with no predicted (or no actual) "yes" are 0.0, not an error or NaN
-    (``zero_division=0.0``) — a model answering always "no" gets F1 0.
+    Computed from the counts in the form of POPE's own evaluation script, so the numbers agree
+    with it to the last bit: accuracy ``(tp + tn) / n``, precision ``p = tp / (tp + fp)``, recall
+    ``r = tp / (tp + fn)``, F1 ``2 * p * r / (p + r)`` (not ``2tp / (2tp + fp + fn)``, which
+    differs in the last bit on about a third of count triples), yes_ratio ``(tp + fp) / n``.
+    Where POPE's script would divide by zero the value is 0.0, not an error or NaN: precision with
+    no predicted "yes", recall with no actual "yes", F1 where ``p + r == 0``. So a model answering
+    always "no" gets F1 0.
     """
     y_true = _as_yes_no(labels, "labels")
     y_pred = _as_yes_no(predictions, "predictions")
@@ -327,14 +395,18 @@ def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict[str,
         raise ValueError(f"labels and predictions differ in length: {len(y_true)} vs {len(y_pred)}")
     if len(y_true) == 0:
         raise ValueError("no examples to score")
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, pos_label="yes", average="binary", zero_division=0.0)
-    (tn, fp), (fn, tp) = confusion_matrix(y_true, y_pred, labels=["no", "yes"])
+    true_yes, pred_yes = y_true == "yes", y_pred == "yes"
+    tp = int(np.sum(true_yes & pred_yes))
+    fp = int(np.sum(~true_yes & pred_yes))
+    tn = int(np.sum(~true_yes & ~pred_yes))
+    fn = int(np.sum(true_yes & ~pred_yes))
+    n = tp + fp + tn + fn
+    precision = float(tp) / float(tp + fp) if tp + fp else 0.0
+    recall = float(tp) / float(tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision": float(precision), "recall": float(recall), "f1": float(f1),
-        "yes_ratio": float(np.mean(y_pred == "yes")), "n": int(len(y_true)),
-        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+        "accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+        "yes_ratio": (tp + fp) / n, "n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
     }
 
 
