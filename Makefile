@@ -21,15 +21,19 @@ BOOK_PAGES := $(wildcard book/*.md) _config.yml _toc.yml
 
 BENCHMARK := data/benchmark/manifest.json
 ZOO := data/zoo/zoo.json
+FEATURES := data/features/zoo-features.json
+FEATURE_SRC := vrp_utils/extract/engine.py vrp_utils/extract/attention.py vrp_utils/extract/store.py \
+	vrp_utils/extract/features.py vrp_utils/data/pope.py $(wildcard vrp_utils/models/adapters/*.py)
 BASELINES := results/baselines.json
 MATHJAX := book/mathjax_root/mathjax/tex-chtml.js
 INDEX := _build/html/index.html
 
-.PHONY: all venv data models baselines readme mathjax notebooks book test test-unit clean clean-book help
+.PHONY: all venv data models features baselines readme mathjax notebooks book test test-unit clean clean-book help
 all: book
 
 help:
 	@echo "make book   build benchmark, zoo, notebooks and the book (_build/html/index.html)"
+	@echo "make features  extract each zoo model once over the distinct benchmark inputs"
 	@echo "make test   run the whole test suite (builds what the tests read first)"
 	@echo "make test-unit  fast tests only (no built data needed)"
 
@@ -48,6 +52,11 @@ $(BENCHMARK): $(STAMP)/venv $(DATA_SRC)
 models: $(ZOO)
 $(ZOO): $(STAMP)/venv $(BENCHMARK) $(ZOO_SRC)
 	$(PY) -m vrp_utils.models.zoo build --jobs 3
+
+# Each zoo model extracted once over the distinct inputs of the three settings, side by side.
+features: $(FEATURES)
+$(FEATURES): $(STAMP)/venv $(ZOO) $(FEATURE_SRC)
+	$(PY) -m vrp_utils.extract.features --jobs 3 --index $@
 
 baselines: $(BASELINES)
 $(BASELINES): $(STAMP)/venv $(BENCHMARK) $(DATA_SRC)
@@ -68,7 +77,7 @@ $(MATHJAX):
 	@touch $@
 
 notebooks: $(EXECUTED)
-book/generated/%.ipynb: notebooks/%.md $(PKG_SRC) $(BENCHMARK) $(ZOO) $(STAMP)/venv
+book/generated/%.ipynb: notebooks/%.md $(PKG_SRC) $(BENCHMARK) $(ZOO) $(FEATURES) $(STAMP)/venv
 	$(PY) -m vrp_utils.run $<
 
 book/generated/status.md: $(EXECUTED) vrp_utils/book.py

@@ -80,11 +80,15 @@ class ExtractionSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def code_version() -> str:
+#: The code that decides what a store holds: the pass, the capture, the family adapters and the POPE
+#: answer rule (which decides ``correct``: a changed rule must never serve stale labels).
+FEATURE_CODE = ("extract/engine.py", "extract/attention.py", "extract/store.py", "models/adapters/*.py", "data/pope.py")
+
+
+def code_version(root: Path = Path(__file__).resolve().parent.parent) -> str:
     """Extraction code identity: the version constant plus a hash of the code that computes features."""
-    root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256(EXTRACTION_VERSION.encode())
-    for path in sorted([*root.glob("extract/*.py"), *root.glob("models/adapters/*.py")]):
+    for path in sorted(path for pattern in FEATURE_CODE for path in root.glob(pattern)):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return f"{EXTRACTION_VERSION}-{digest.hexdigest()[:12]}"
