@@ -227,13 +227,34 @@ def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSe
     return BatchOutput(records, arrays)
 
 
-def _store_manifest(loaded, dataset_fp: str, settings: ExtractionSettings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Intervention:
+    """A change to each example's input before the pass (e.g. masked image patches).
+
+    ``identity`` (JSON) names it completely and becomes part of the store's identity, so the
+    answers under one intervention are never served for another; ``transform(row, image)``
+    returns the image the model sees for dataset row ``row``.
+    """
+
+    identity: dict[str, Any]
+    transform: Any
+
+
+def store_settings(settings: ExtractionSettings, intervention: Intervention | None = None) -> dict[str, Any]:
+    """The settings part of a store's identity: the pass's settings, plus the intervention if any."""
+    fields = asdict(settings)
+    if intervention is not None:
+        fields["intervention"] = intervention.identity
+    return fields
+
+
+def _store_manifest(loaded, dataset_fp: str, settings: ExtractionSettings, intervention: Intervention | None = None) -> dict[str, Any]:
     return {
         "model": loaded.name,
         "model_fingerprint": loaded.fingerprint,
         "model_type": loaded.model.config.model_type,
         "dataset_fingerprint": dataset_fp,
-        "settings": asdict(settings),
+        "settings": store_settings(settings, intervention),
         "code_version": code_version(),
     }
 
@@ -245,15 +266,18 @@ def extract(
     root: Path = STORE_DIR,
     progress: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    intervention: Intervention | None = None,
 ) -> FeatureStore:
     """Run (or resume) one extraction pass of ``loaded`` over ``dataset``; return the finished store.
 
     ``chunk_size`` only sets how many examples are committed to disk at a time (what a killed run
     loses); it is not part of the store's identity and does not change the final store.
+    ``intervention`` changes every input image first (masking goes back through here, never
+    through a loop of its own).
     """
     dataset_fp = dataset_fingerprint(dataset)
-    manifest = _store_manifest(loaded, dataset_fp, settings)
-    path = store_path(root, loaded.fingerprint, dataset_fp, asdict(settings), manifest["code_version"])
+    manifest = _store_manifest(loaded, dataset_fp, settings, intervention)
+    path = store_path(root, loaded.fingerprint, dataset_fp, manifest["settings"], manifest["code_version"])
     ids = [example_id(row) for row in dataset.select_columns(["question_id", "setting"])]
     if len(set(ids)) != len(ids):
         raise ValueError("dataset has duplicate (setting, question_id) pairs; example ids must be unique")
@@ -267,7 +291,7 @@ def extract(
         bar = tqdm(total=len(ids), initial=len(ids) - len(todo), unit="ex", desc=f"extract {loaded.name}", disable=not progress)
         for start in range(0, len(todo), settings.batch_size):
             indices = todo[start : start + settings.batch_size]
-            _extract_indices(loaded, dataset, indices, ids, settings, writer)
+            _extract_indices(loaded, dataset, indices, ids, settings, writer, intervention)
             bar.update(len(indices))
         bar.close()
         return writer.finalize()
@@ -285,7 +309,7 @@ def _row_record(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settings, writer) -> None:
+def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settings, writer, intervention=None) -> None:
     """Extract a batch; an example that fails alone (bad image, processor error) becomes an error row."""
     rows, images, good = [], [], []
     for index in indices:
@@ -301,6 +325,8 @@ def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settin
         except Exception as error:
             writer.add_error(ids[index], f"unreadable image {row.get('image_file')}: {type(error).__name__}: {error}", _row_record(row))
             continue
+        if intervention is not None:
+            image = intervention.transform(row, image)
         rows.append(row)
         images.append(image)
         good.append(index)

@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ from typing import Any
 import pandas as pd
 
 from vrp_utils.data.benchmark import SETTINGS
-from vrp_utils.extract.engine import ExtractionSettings, code_version, dataset_fingerprint, extract
+from vrp_utils.extract.engine import (
+    ExtractionSettings, Intervention, code_version, dataset_fingerprint, extract, store_settings,
+)
 from vrp_utils.extract.store import FeatureStore, store_path
 from vrp_utils.paths import BENCHMARK_DIR, STORE_DIR
 
@@ -124,7 +126,8 @@ class Features:
     store: FeatureStore
     membership: pd.DataFrame
     settings: tuple[str, ...]
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The distinct inputs (a ``datasets.Dataset``; row ``distinct_id - 1``), for images and boxes.
+    inputs: Any = field(repr=False, default=None)
 
     @cached_property
     def _joined(self) -> pd.DataFrame:
@@ -166,6 +169,10 @@ class Features:
 
         return adapter_for(AutoConfig.from_pretrained(self.model_dir, local_files_only=True))
 
+    def image(self, distinct_id: int) -> Any:
+        """The (PIL) image of a distinct input."""
+        return self.inputs[int(distinct_id) - 1]["image"].convert("RGB")
+
     @property
     def n_layers(self) -> int:
         return int(self.store.attention().shape[1])
@@ -175,15 +182,33 @@ class Features:
         return int(self.store.attention().shape[2])
 
 
-def _store_expectation(model_fp: str, dataset_fp: str, settings: ExtractionSettings) -> dict[str, Any]:
-    """The manifest fields that identify a store (what ``extract`` writes), without loading the model."""
+def open_or_extract(
+    model: str,
+    dataset: Any,
+    extraction: ExtractionSettings = ExtractionSettings(),
+    *,
+    intervention: Intervention | None = None,
+    root: Path = STORE_DIR,
+    extract_missing: bool = True,
+    progress: bool = True,
+) -> FeatureStore:
+    """The finished store of ``model`` over ``dataset`` (opened without loading the model), or extract it first."""
+    from vrp_utils.models.loading import fingerprint_files, load_model, resolve_model_dir
+
+    model_fp = fingerprint_files(resolve_model_dir(model))
+    dataset_fp = dataset_fingerprint(dataset)
     expect = {
         "model_fingerprint": model_fp,
         "dataset_fingerprint": dataset_fp,
-        "settings": asdict(settings),
+        "settings": store_settings(extraction, intervention),
         "code_version": code_version(),
     }
-    return expect
+    path = store_path(root, model_fp, dataset_fp, expect["settings"], expect["code_version"])
+    if (path / "complete.json").is_file():
+        return FeatureStore.open(path, expect=expect)
+    if not extract_missing:
+        raise FileNotFoundError(f"no finished feature store for {model} at {path}; run `make features` or open with extract_missing=True")
+    return extract(load_model(model), dataset, extraction, root=root, progress=progress, intervention=intervention)
 
 
 def open_features(
@@ -203,7 +228,7 @@ def open_features(
     ``model`` is a zoo name, a directory or a cached hub id; ``splits`` (setting -> dataset) replaces
     the embedded benchmark, e.g. real POPE files loaded with ``load_pope``.
     """
-    from vrp_utils.models.loading import fingerprint_files, load_model, read_model_type, resolve_model_dir
+    from vrp_utils.models.loading import read_model_type, resolve_model_dir
 
     if splits is None:
         chosen = parse_settings(settings)
@@ -215,17 +240,23 @@ def open_features(
     dataset, membership = distinct_inputs(splits)
     model_dir = resolve_model_dir(model)
     model_type = read_model_type(model_dir)
-    model_fp = fingerprint_files(model_dir)
-    dataset_fp = dataset_fingerprint(dataset)
-    expect = _store_expectation(model_fp, dataset_fp, extraction)
-    path = store_path(root, model_fp, dataset_fp, expect["settings"], expect["code_version"])
-    if (path / "complete.json").is_file():
-        store = FeatureStore.open(path, expect=expect)
-    elif not extract_missing:
-        raise FileNotFoundError(f"no finished feature store for {model} at {path}; run `make features` or open with extract_missing=True")
-    else:
-        store = extract(load_model(model), dataset, extraction, root=root, progress=progress)
-    return Features(str(model), model_dir, model_type, store, membership, chosen)
+    store = open_or_extract(model, dataset, extraction, root=root, extract_missing=extract_missing, progress=progress)
+    return Features(str(model), model_dir, model_type, store, membership, chosen, dataset)
+
+
+def language_model_shape(model: str) -> tuple[int, int]:
+    """(layers, attention heads) of a model's language model, from its config alone (no weights loaded).
+
+    Why: a layer or head parameter out of range must fail before any extraction starts.
+    """
+    from transformers import AutoConfig
+
+    from vrp_utils.models.loading import read_model_type, resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    read_model_type(model_dir)
+    text = AutoConfig.from_pretrained(model_dir, local_files_only=True).get_text_config()
+    return int(text.num_hidden_layers), int(text.num_attention_heads)
 
 
 def _build_one(model: str, settings: tuple[str, ...], root: Path, benchmark_dir: Path, progress: bool) -> dict[str, Any]:
