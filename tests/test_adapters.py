@@ -217,3 +217,58 @@ def test_yes_no_token_ids(model_type: str) -> None:
 def test_adapter_for_unknown_model_type() -> None:
     with pytest.raises(ValueError, match="Unsupported model_type 'gpt2'; supported: llava, paligemma, qwen2_vl"):
         adapter_for(GPT2Config())
+
+
+# A SentencePiece / byte-level style vocabulary: "▁" (SentencePiece) and "Ġ" (GPT-2 byte-level) mark a word
+# start; case varies; special tokens must never count, even one whose text reads "yes".
+SPIECE_VOCAB = [
+    "<unk>", "<s>", "</s>", "<pad>",
+    "<yes>",  # 4  special, spelled like yes: excluded
+    "▁YES",  # 5  special whose text reads "yes": excluded
+    "▁Yes", "Yes", "yes", "Ġyes", " yes",  # 6-10  yes
+    "▁No", "NO", "Ġno", "no", "▁no",  # 11-15 no
+    "yesterday", "▁Yesterday", "eyes", "yes.", "▁yes!", "yes▁",  # 16-21 distractors
+    "▁note", "▁not", "Ġnot", "nope", "▁None", "No.", "ĠNOT", "know",  # 22-29 distractors
+]
+SPIECE_YES, SPIECE_NO = [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]
+
+
+def _spiece_tokenizer(vocab: list[str] = SPIECE_VOCAB):
+    """A real fast tokenizer over ``vocab`` (WordLevel model, whitespace split), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({piece: i for i, piece in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<yes>", "▁YES"]})
+    assert tokenizer.get_vocab() == {piece: i for i, piece in enumerate(vocab)}  # nothing was appended
+    assert sorted(tokenizer.all_special_ids) == [0, 1, 2, 3, 4, 5]
+    return tokenizer
+
+
+def test_yes_no_token_ids_on_a_sentencepiece_style_vocabulary() -> None:
+    from transformers import LlavaConfig
+
+    adapter = adapter_for(LlavaConfig())
+    tokenizer = _spiece_tokenizer()
+    assert tokenizer.tokenize("▁Yes Ġyes ▁YES yesterday") == ["▁Yes", "Ġyes", "▁YES", "yesterday"]
+    assert adapter.yes_no_token_ids(tokenizer) == (SPIECE_YES, SPIECE_NO)
+    assert adapter.yes_no_token_ids(tokenizer) == (SPIECE_YES, SPIECE_NO)  # cached: same answer
+
+    # A piece added later is seen (the cache is keyed on the vocabulary size); a non-word piece is not.
+    tokenizer.add_tokens(["yEs", "Nah"])
+    added = tokenizer.convert_tokens_to_ids("yEs")
+    assert added == len(SPIECE_VOCAB)
+    assert adapter.yes_no_token_ids(tokenizer) == ([*SPIECE_YES, added], SPIECE_NO)
+
+
+def test_yes_no_token_ids_refuse_a_vocabulary_whose_only_yes_is_special() -> None:
+    from transformers import LlavaConfig
+
+    readable_yes = {SPIECE_VOCAB[i] for i in SPIECE_YES}
+    tokenizer = _spiece_tokenizer([piece for piece in SPIECE_VOCAB if piece not in readable_yes])
+    with pytest.raises(ValueError, match="no 'yes' token"):  # not an empty id list (logsumexp of nothing)
+        adapter_for(LlavaConfig()).yes_no_token_ids(tokenizer)
