@@ -132,9 +132,18 @@ def test_training_inputs_label_only_the_answer(model_type: str) -> None:
         assert torch.equal(inputs["input_ids"][i, start - len(prompt) : start], prompt)
     if model_type == "paligemma":  # the answer is the causal suffix of the prefix-LM
         assert torch.equal(inputs["token_type_ids"].bool(), labels != IGNORE_INDEX)
+    # The loss is the mean negative log-likelihood of exactly the answer tokens (and end token), each
+    # predicted from the position before it: recomputed from a forward without labels.
     with torch.no_grad():
         loss = model(**inputs).loss
-    assert torch.isfinite(loss) and loss > 0
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    nll = [
+        -log_probs[i, position - 1, labels[i, position]]
+        for i in range(labels.shape[0])
+        for position in torch.nonzero(labels[i] != IGNORE_INDEX).flatten().tolist()
+    ]
+    torch.testing.assert_close(loss.float(), torch.stack(nll).mean(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -193,6 +202,7 @@ def test_generation_left_padding_batch_equals_single(model_type: str) -> None:
         out = model.generate(**adapter.model_inputs(batch), **kwargs)
         logits = model(**adapter.model_inputs(batch)).logits[:, -1]
     assert out.shape == (2, seq_len + 4)
+    alone_texts = []
     for i in range(2):
         single = adapter.build_inputs(processor, images()[i : i + 1], QUESTIONS[i : i + 1])
         with torch.no_grad():
@@ -200,8 +210,9 @@ def test_generation_left_padding_batch_equals_single(model_type: str) -> None:
             alone_logits = model(**adapter.model_inputs(single)).logits[:, -1]
         assert alone[0, -4:].tolist() == out[i, -4:].tolist()
         torch.testing.assert_close(alone_logits[0], logits[i], atol=1e-4, rtol=1e-4)
-    text = processor.tokenizer.batch_decode(out[:, seq_len:], skip_special_tokens=True)
-    assert len(text) == 2 and all(isinstance(t, str) for t in text)
+        alone_texts.append(processor.tokenizer.decode(alone[0, single["input_ids"].shape[1] :], skip_special_tokens=True))
+    # The batch's answers read as the lone runs' answers: no padding or prompt leaks into the decoded text.
+    assert processor.tokenizer.batch_decode(out[:, seq_len:], skip_special_tokens=True) == alone_texts
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -217,3 +228,58 @@ def test_yes_no_token_ids(model_type: str) -> None:
 def test_adapter_for_unknown_model_type() -> None:
     with pytest.raises(ValueError, match="Unsupported model_type 'gpt2'; supported: llava, paligemma, qwen2_vl"):
         adapter_for(GPT2Config())
+
+
+# A SentencePiece / byte-level style vocabulary: "▁" (SentencePiece) and "Ġ" (GPT-2 byte-level) mark a word
+# start; case varies; special tokens must never count, even one whose text reads "yes".
+SPIECE_VOCAB = [
+    "<unk>", "<s>", "</s>", "<pad>",
+    "<yes>",  # 4  special, spelled like yes: excluded
+    "▁YES",  # 5  special whose text reads "yes": excluded
+    "▁Yes", "Yes", "yes", "Ġyes", " yes",  # 6-10  yes
+    "▁No", "NO", "Ġno", "no", "▁no",  # 11-15 no
+    "yesterday", "▁Yesterday", "eyes", "yes.", "▁yes!", "yes▁",  # 16-21 distractors
+    "▁note", "▁not", "Ġnot", "nope", "▁None", "No.", "ĠNOT", "know",  # 22-29 distractors
+]
+SPIECE_YES, SPIECE_NO = [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]
+
+
+def _spiece_tokenizer(vocab: list[str] = SPIECE_VOCAB):
+    """A real fast tokenizer over ``vocab`` (WordLevel model, whitespace split), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({piece: i for i, piece in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<yes>", "▁YES"]})
+    assert tokenizer.get_vocab() == {piece: i for i, piece in enumerate(vocab)}  # nothing was appended
+    assert sorted(tokenizer.all_special_ids) == [0, 1, 2, 3, 4, 5]
+    return tokenizer
+
+
+def test_yes_no_token_ids_on_a_sentencepiece_style_vocabulary() -> None:
+    from transformers import LlavaConfig
+
+    adapter = adapter_for(LlavaConfig())
+    tokenizer = _spiece_tokenizer()
+    assert tokenizer.tokenize("▁Yes Ġyes ▁YES yesterday") == ["▁Yes", "Ġyes", "▁YES", "yesterday"]
+    assert adapter.yes_no_token_ids(tokenizer) == (SPIECE_YES, SPIECE_NO)
+    assert adapter.yes_no_token_ids(tokenizer) == (SPIECE_YES, SPIECE_NO)  # cached: same answer
+
+    # A piece added later is seen (the cache is keyed on the vocabulary size); a non-word piece is not.
+    tokenizer.add_tokens(["yEs", "Nah"])
+    added = tokenizer.convert_tokens_to_ids("yEs")
+    assert added == len(SPIECE_VOCAB)
+    assert adapter.yes_no_token_ids(tokenizer) == ([*SPIECE_YES, added], SPIECE_NO)
+
+
+def test_yes_no_token_ids_refuse_a_vocabulary_whose_only_yes_is_special() -> None:
+    from transformers import LlavaConfig
+
+    readable_yes = {SPIECE_VOCAB[i] for i in SPIECE_YES}
+    tokenizer = _spiece_tokenizer([piece for piece in SPIECE_VOCAB if piece not in readable_yes])
+    with pytest.raises(ValueError, match="no 'yes' token"):  # not an empty id list (logsumexp of nothing)
+        adapter_for(LlavaConfig()).yes_no_token_ids(tokenizer)

@@ -46,7 +46,10 @@ def test_table_shape_and_sanity(table: pd.DataFrame) -> None:
     assert list(table.index) == [(b, s) for b in BASELINES for s in bm.SETTINGS]
     assert {"accuracy", "f1", "yes_ratio", "n"} <= set(table.columns)
     assert (table["n"] == 480).all()
-    assert ((table[["accuracy", "f1", "yes_ratio"]] >= 0) & (table[["accuracy", "f1", "yes_ratio"]] <= 1)).all().all()
+    # Scored over all n questions: accuracy and yes_ratio are whole counts out of n (not, e.g., over one class).
+    for column in ("accuracy", "yes_ratio"):
+        counts = table[column] * table["n"]
+        np.testing.assert_allclose(counts, counts.round(), atol=1e-6, err_msg=column)
     always = table.loc["always_yes"]
     assert (always["accuracy"] == 0.5).all() and (always["yes_ratio"] == 1.0).all()
     assert always["f1"].to_numpy() == pytest.approx(2 / 3)
@@ -75,6 +78,34 @@ def test_cli_writes_json(root: Path, table: pd.DataFrame, tmp_path: Path, capsys
     assert cli_main(["baselines", "--root", str(tmp_path / "nothing"), "--out", str(out)]) == 2
 
 
-def test_write_baselines_is_atomic(table: pd.DataFrame, root: Path, tmp_path: Path) -> None:
+def _interrupted_write_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make Path.write_text write half its text, then fail (a full disk, a kill), as a real writer can."""
+    real = Path.write_text
+
+    def half_then_fail(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        real(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+
+
+def test_write_baselines_is_atomic(table: pd.DataFrame, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_baselines(table, tmp_path / "sub" / "b.json", root=root)
-    assert path.is_file() and not list(path.parent.glob(".*.tmp"))
+    old = path.read_bytes()
+    assert pd.DataFrame(json.loads(old)["rows"]).shape[0] == len(table) and not list(path.parent.glob(".*.tmp"))
+    with monkeypatch.context() as patch:
+        _interrupted_write_text(patch)
+        with pytest.raises(OSError, match="No space left"):
+            write_baselines(table.iloc[:2], path, root=root)
+    assert path.read_bytes() == old  # readers never see the half-written table
+
+
+@pytest.mark.xfail(strict=True, reason="write_baselines (vrp_utils/data/baselines.py) leaves its .tmp behind when the write fails")
+def test_interrupted_write_baselines_leaves_no_temporary(table: pd.DataFrame, root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "b.json"
+    with monkeypatch.context() as patch:
+        _interrupted_write_text(patch)
+        with pytest.raises(OSError):
+            write_baselines(table, path, root=root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -545,3 +545,54 @@ def test_a_model_without_capturable_attention_stops_the_run(tiny_model_dir, tiny
     with pytest.raises(AttentionCaptureError):
         extract(loaded, load_benchmark("random", tiny_benchmark).select(range(2)),
                 ExtractionSettings(max_new_tokens=2, batch_size=2), root=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"answer_rule": "loose"}, "answer_rule must be one of 'pope', 'strict', got 'loose'"),
+        ({"answer_rule": "POPE"}, "answer_rule must be one of 'pope', 'strict'"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"batch_size": 2.0}, "batch_size must be an int >= 1, got 2.0"),
+        ({"max_new_tokens": "8"}, "max_new_tokens must be an int >= 1, got '8'"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an int >= 1, got True"),
+        ({"attention": 1}, "attention must be True or False, got 1"),
+        ({"hidden": "no"}, "hidden must be True or False, got 'no'"),
+    ],
+)
+def test_invalid_settings_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as raised:
+        ExtractionSettings(**kwargs)
+    assert message in str(raised.value)
+
+
+def test_answer_rules_are_the_ones_parse_answer_accepts():
+    from vrp_utils.extract.engine import answer_rules
+
+    rules = answer_rules()
+    assert rules == ("pope", "strict")  # a rule added to parse_answer's signature shows up here
+    for rule in rules:
+        ExtractionSettings(answer_rule=rule)
+        assert parse_answer("Yes.", rule=rule) == "yes"
+    with pytest.raises(ValueError, match="rule must be"):
+        parse_answer("Yes.", rule="loose")
+
+
+def test_strict_rule_records_an_unparseable_answer_as_wrong_not_as_an_error_row(tiny_loaded, tiny_benchmark, tmp_path):
+    """A random-weight model rarely starts with yes/no: those rows stay, with parsed None and correct False."""
+    loaded = tiny_loaded("zoo-llava")
+    dataset = load_benchmark("random", root=tiny_benchmark).select(range(6))
+    base = ExtractionSettings(max_new_tokens=2, batch_size=3, attention=False, hidden=False)
+    strict = extract(loaded, dataset, dataclasses.replace(base, answer_rule="strict"), root=tmp_path, progress=False)
+    pope = extract(loaded, dataset, base, root=tmp_path, progress=False)
+    assert strict.path != pope.path
+    assert strict.summary() == {"n_expected": 6, "n_ok": 6, "n_error": 0, "error_reasons": {}, "complete": True}
+    table, pope_table = strict.table(), pope.table()
+    assert table["answer"].tolist() == pope_table["answer"].tolist()  # same greedy answers, parsed two ways
+    parsed = table["parsed"].tolist()
+    assert parsed == [parse_answer(text, rule="strict", on_fail="none") for text in table["answer"]]
+    unparsed = [value is None for value in parsed]
+    assert any(unparsed), f"every answer starts with yes/no, so the test checks nothing: {table['answer'].tolist()}"
+    assert not table.loc[unparsed, "correct"].any()
+    assert table["correct"].tolist() == [p is not None and p == label for p, label in zip(parsed, table["label"])]
+    assert set(pope_table["parsed"]) <= {"yes", "no"}  # the POPE rule parses every text

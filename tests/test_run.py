@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -57,8 +58,13 @@ def demo(tmp_path: Path) -> Path:
     )
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vrp_utils.run", *args], capture_output=True, text=True)
+    # This checkout's runner, whichever checkout the interpreter's editable install points at.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "vrp_utils.run", *args], capture_output=True, text=True, env=env)
 
 
 def test_parameters_are_read_from_the_text_notebook(demo):
@@ -67,11 +73,56 @@ def test_parameters_are_read_from_the_text_notebook(demo):
 
 
 def test_unknown_parameter_is_refused_with_the_valid_names(demo):
-    result = cli(str(demo), "-p", "no_such_param", "1")
-    assert result.returncode != 0
-    assert "no_such_param" in result.stderr
-    for name in ("n", "label", "rate", "flag"):
-        assert name in result.stderr
+    result = cli(str(demo), "-p", "no_such_param", "1", "--no-progress")
+    assert result.returncode == 2  # documented: 2 for a parameter error, 1 for a failing notebook
+    assert result.stderr == (
+        "error: notebook 'demo' has no parameter named 'no_such_param'; valid parameters: "
+        "n (int, default 3), label (str, default 'x'), rate (float, default 0.5), flag (bool, default False)\n"
+    )
+    assert result.stdout == ""
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden ones too) -> its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def fake_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """The runner's book, results and runs directories moved under tmp_path, each book file already published."""
+    dirs = {"generated": tmp_path / "book" / "generated", "results": tmp_path / "results", "runs": tmp_path / "runs"}
+    dirs["generated"].mkdir(parents=True)
+    dirs["results"].mkdir()
+    (dirs["generated"] / "demo.ipynb").write_text('{"published": "chapter"}')
+    (dirs["generated"] / "other.ipynb").write_text('{"another": "chapter"}')
+    (dirs["results"] / "demo.json").write_text('{"results": {"n": 3, "square": 9}}\n')
+    monkeypatch.setattr(run, "GENERATED_DIR", dirs["generated"])
+    monkeypatch.setattr(run, "RESULTS_DIR", dirs["results"])
+    monkeypatch.setattr(run, "RUNS_DIR", dirs["runs"])
+    return dirs
+
+
+def test_run_with_parameters_goes_under_runs_and_leaves_the_book_untouched(demo, fake_book):
+    book, results, runs = fake_book["generated"], fake_book["results"], fake_book["runs"]
+    before = {"book": _tree(book.parent), "results": _tree(results)}
+    assert run.main([str(demo), "-p", "n", "5", "--no-progress"]) == 0
+    assert {"book": _tree(book.parent), "results": _tree(results)} == before  # byte for byte, no new files
+    (run_dir,) = runs.iterdir()
+    assert run_dir.name == f"demo-{run._run_label({'n': 5})}"
+    assert sorted(_tree(run_dir)) == ["demo.ipynb", "demo.json"]
+    record = json.loads((run_dir / "demo.json").read_text())
+    assert record["results"]["square"] == 25 and record["overridden"] == ["n"]
+    assert record["executed_notebook"] == str(run_dir / "demo.ipynb")
+
+    # Controls: the same fixture does reach the book when it should (so the check above can fail):
+    # a default run, and -p with --into-book, write the chapter and results/.
+    assert run.main([str(demo), "--no-progress"]) == 0
+    assert json.loads((results / "demo.json").read_text())["results"]["square"] == 9
+    assert (book / "demo.ipynb").read_bytes() != before["book"]["generated/demo.ipynb"]
+    assert run.main([str(demo), "-p", "n", "6", "--into-book", "--no-progress"]) == 0
+    assert json.loads((results / "demo.json").read_text())["results"]["square"] == 36
+    assert (book / "other.ipynb").read_bytes() == before["book"]["generated/other.ipynb"]
+    assert len(list(runs.iterdir())) == 1
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 
 from vrp_utils.extract.store import (
     COMPLETE_FILE,
+    CorruptStoreError,
     DuplicateExampleError,
     FeatureStore,
     IncompleteStoreError,
@@ -442,3 +444,107 @@ def test_inconsistent_arrays_and_bad_records_fail_at_add(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="n_image_tokens"):
         writer.add({**record, "n_image_tokens": 5}, arrays)
     assert writer.done_ids() == {"e0"}  # failed adds leave nothing behind
+
+
+# ----------------------------------------------------------------------------- damaged stores
+
+
+def damage(path: Path, how: str) -> None:
+    """Delete the file, cut it to half its size, or flip one byte (same size)."""
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        raise ValueError(how)
+
+
+def partial_store(path: Path) -> list[str]:
+    """Six examples committed as three chunks of two (c000000 .. c000002), not finalized."""
+    ids = [f"e{i}" for i in range(8)]
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    for i in range(6):
+        writer.add(*make_example(i, 3 + i % 3))
+    writer.close()
+    assert sorted(p.name for p in (path / "chunks").glob("*.commit.json")) == [f"c00000{i}.commit.json" for i in range(3)]
+    return ids
+
+
+# A deleted commit.json is not damage: the chunk was never committed (see the next test).
+CHUNK_DAMAGE = [(name, how) for name in ("table.parquet", "attention.npy", "hidden_answer_mean.npy") for how in ("delete", "truncate")]
+
+
+@pytest.mark.parametrize(("name", "how"), [*CHUNK_DAMAGE, ("commit.json", "truncate")])
+@pytest.mark.parametrize("chunk", ["c000002", "c000000"], ids=["last-chunk", "earlier-chunk"])
+def test_damaged_committed_chunk_is_refused_naming_the_file(tmp_path: Path, chunk: str, name: str, how: str) -> None:
+    path = tmp_path / "s"
+    ids = partial_store(path)
+    damaged = path / "chunks" / f"{chunk}.{name}"
+    damage(damaged, how)
+    before = sorted(p.name for p in (path / "chunks").iterdir())
+    message = re.escape(str(damaged))
+    with pytest.raises(CorruptStoreError, match=message):
+        FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    with pytest.raises(CorruptStoreError, match=message):
+        FeatureStore.open(path, allow_partial=True)
+    # The refused resume deleted nothing (the damaged store is left as it was, for inspection) and
+    # released the lock, so the next attempt gets the same error, not StoreLockedError.
+    assert sorted(p.name for p in (path / "chunks").iterdir()) == before
+    with pytest.raises(CorruptStoreError, match=message):
+        FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+
+
+def test_uncommitted_last_chunk_is_redone_on_resume(tmp_path: Path) -> None:
+    """The one legitimate loss: a chunk whose commit.json never landed (killed mid-flush) is not done."""
+    path = tmp_path / "s"
+    ids = partial_store(path)
+    (path / "chunks" / "c000002.commit.json").unlink()
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    assert writer.done_ids() == {"e0", "e1", "e2", "e3"}
+    assert not list((path / "chunks").glob("c000002.*"))
+    for i in range(4, 8):
+        writer.add(*make_example(i, 3 + i % 3))
+    assert list(writer.finalize().table()["id"]) == ids
+
+
+def complete_store(path: Path) -> list[str]:
+    ids = [f"e{i}" for i in range(5)]
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    for i in range(5):
+        writer.add(*make_example(i, 3 + i % 3))
+    writer.finalize().verify()
+    return ids
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+@pytest.mark.parametrize("name", ["table.parquet", "attention.npy", "hidden_last_prompt.npy"])
+def test_damaged_final_file_of_complete_store_is_refused_naming_the_file(tmp_path: Path, name: str, how: str) -> None:
+    path = tmp_path / "s"
+    ids = complete_store(path)
+    opened = FeatureStore.open(path)  # opened while intact: verify() must still notice
+    damage(path / name, how)
+    message = re.escape(str(path / name))
+    with pytest.raises(CorruptStoreError, match=message):
+        opened.verify()
+    with pytest.raises(CorruptStoreError, match=message):
+        FeatureStore.open(path)
+    with pytest.raises(CorruptStoreError, match=message):
+        FeatureStore.open(path, allow_partial=True)
+    with pytest.raises(CorruptStoreError, match=message):
+        FeatureStore.create_or_resume(path, MANIFEST, ids)
+    with pytest.raises(CorruptStoreError, match=message):  # the refused resume released its lock
+        FeatureStore.create_or_resume(path, MANIFEST, ids)
+
+
+def test_verify_notices_a_changed_byte_that_keeps_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    complete_store(path)
+    damage(path / "hidden_answer_mean.npy", "flip")
+    store = FeatureStore.open(path)  # sizes match: opening stays cheap and does not hash
+    with pytest.raises(CorruptStoreError, match=re.escape(str(path / "hidden_answer_mean.npy")) + ": sha256"):
+        store.verify()

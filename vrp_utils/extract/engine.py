@@ -9,7 +9,8 @@ call the model again, except interventions (masking, sampling), which come back 
 What is recorded, per example (queries are the positions that *produce* answer tokens: the last
 prompt position, then each generated token fed back during greedy decoding):
 
-- ``answer``, ``parsed`` (POPE rule), ``correct``; ``yes_no_margin``: log P(yes-variants) -
+- ``answer``, ``parsed`` (``settings.answer_rule``; ``None`` where the strict rule finds no yes/no),
+  ``correct`` (False where ``parsed`` is ``None``); ``yes_no_margin``: log P(yes-variants) -
   log P(no-variants) at the first answer position; per generated token ``token_logprob``,
   ``token_entropy`` and ``token_margin`` (top-1 minus top-2 log-probability); ``answer_length``.
 - ``attention`` ``[layers, heads, steps, image_tokens]`` float16: softmax rows over *all* keys,
@@ -63,9 +64,26 @@ class ExtractionSetupError(Exception):
 _SYSTEMATIC = (AttentionCaptureError, ExtractionSetupError)
 
 
+def answer_rules() -> tuple[str, ...]:
+    """The rules :func:`vrp_utils.data.pope.parse_answer` accepts, read from its ``rule`` annotation."""
+    import typing
+
+    from vrp_utils.data.pope import parse_answer
+
+    return typing.get_args(typing.get_type_hints(parse_answer)["rule"])
+
+
 @dataclass(frozen=True)
 class ExtractionSettings:
-    """What one pass records and how (part of the store's identity)."""
+    """What one pass records and how (part of the store's identity).
+
+    ``answer_rule`` is a rule of :func:`vrp_utils.data.pope.parse_answer` (see :func:`answer_rules`):
+    ``"pope"`` (the official rule: every text parses, to yes or no) or ``"strict"`` (the first word
+    must be yes or no). Under ``"strict"`` an answer that does not start with yes/no is recorded, not
+    dropped: ``parsed`` is ``None`` and ``correct`` is False (a wrong answer), so it stays in the
+    table and in every accuracy; it never becomes an error row (error rows are examples the model
+    could not be run on). Invalid settings raise ValueError at construction, naming the valid choices.
+    """
 
     max_new_tokens: int = 8
     batch_size: int = 16
@@ -74,10 +92,17 @@ class ExtractionSettings:
     answer_rule: str = "pope"
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("attention", "hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        rules = answer_rules()
+        if self.answer_rule not in rules:
+            raise ValueError(f"answer_rule must be one of {', '.join(map(repr, rules))}, got {self.answer_rule!r}")
 
 
 #: The code that decides what a store holds: the pass, the capture, the family adapters and the POPE
@@ -197,7 +222,7 @@ def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSe
         text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
         record: dict[str, Any] = {
             "answer": text,
-            "parsed": parse_answer(text, rule=settings.answer_rule),
+            "parsed": parse_answer(text, rule=settings.answer_rule, on_fail="none"),  # None: no yes/no (strict)
             "answer_length": length,
             "yes_no_margin": float(torch.logsumexp(log_probs[i, 0, yes_ids], 0) - torch.logsumexp(log_probs[i, 0, no_ids], 0)),
             "token_logprob": lp.gather(1, chosen[:, None]).squeeze(1).tolist(),

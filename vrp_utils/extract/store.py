@@ -22,12 +22,15 @@ extraction code version, named by :func:`store_path`)::
         table.parquet          final table, rows in expected-id order (OK and error rows)
         <array>.npy            final arrays, one per array name: [n_ok, *dims], OK rows in table
                                order; ragged arrays zero-padded on their last axis to the store max
-        complete.json          written LAST by finalize: summary + sha256 of every final file
+        complete.json          written LAST by finalize: summary + sha256 and size of every final file
 
 Every file is written to a temporary ``.<name>.*.tmp`` in the same directory, fsync'ed, then
 ``os.replace``'d into place. A chunk counts only once its ``commit.json`` exists; on resume, files
 of uncommitted chunks and stray temporaries are deleted, so a run killed at any moment (kill -9)
-and resumed ends with the same bytes as an uninterrupted run. Final content does not depend on
+and resumed ends with the same bytes as an uninterrupted run. Resuming or opening checks that every
+committed chunk file (partial store) or final file (complete store) exists with its recorded size
+and raises :class:`CorruptStoreError` naming the file otherwise, so a damaged store never counts
+rows as done; :meth:`FeatureStore.verify` re-hashes final files. Final content does not depend on
 chunk boundaries: rows are re-ordered by the expected ids, record columns are sorted by name and
 their types are the permissive Arrow promotion of all rows.
 
@@ -309,8 +312,10 @@ class _Chunk:
         expected.update({spec["file"]: spec["bytes"] for spec in commit["arrays"].values()})
         for name, size in expected.items():
             path = self.directory / name
-            if not path.is_file() or path.stat().st_size != size:
-                raise CorruptStoreError(f"committed chunk file {path} is missing or not {size} bytes")
+            if not path.is_file():
+                raise CorruptStoreError(f"committed chunk file {path} is missing")
+            if path.stat().st_size != size:
+                raise CorruptStoreError(f"committed chunk file {path} is {path.stat().st_size} bytes, its commit recorded {size}")
 
     def array_path(self, name: str) -> Path:
         return self.directory / self.arrays[name]["file"]
@@ -479,7 +484,8 @@ class FeatureStore:
                 raise StaleStoreError(_describe_mismatch(path, manifest, expected, keys))
         expected_ids = _read_json(path / EXPECTED_IDS_FILE)
         if (path / COMPLETE_FILE).is_file():
-            return cls(path, manifest, expected_ids, pq.read_table(path / TABLE_FILE), None, True)
+            _check_final_files(path)
+            return cls(path, manifest, expected_ids, _read_final_table(path), None, True)
         if not allow_partial:
             raise IncompleteStoreError(
                 f"feature store {path} is not finalized (no {COMPLETE_FILE}): the extraction pass did not finish; "
@@ -582,13 +588,46 @@ class FeatureStore:
         if not self.complete:
             raise IncompleteStoreError(f"feature store {self.path} is not finalized")
         for name, digest in self._read_complete()["sha256"].items():
-            actual = _sha256_file(self.path / name)
+            path = self.path / name
+            if not path.is_file():
+                raise CorruptStoreError(f"final file {path} of feature store {self.path} is missing")
+            actual = _sha256_file(path)
             if actual != digest:
-                raise CorruptStoreError(f"{self.path / name}: sha256 {actual} != recorded {digest}")
+                raise CorruptStoreError(f"{path}: sha256 {actual} != recorded {digest}")
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "partial"
         return f"FeatureStore({str(self.path)!r}, {state}, n_ok={self.n_ok}, n_error={self.n_errors})"
+
+
+def _check_final_files(path: Path) -> None:
+    """Every final file listed in ``complete.json`` exists with its recorded size (a cheap stat, no hashing).
+
+    Stores finalized before sizes were recorded (no ``bytes`` key) are checked for existence only;
+    :meth:`FeatureStore.verify` re-hashes the content.
+    """
+    complete = _read_json(path / COMPLETE_FILE)
+    try:
+        names = list(complete["sha256"])
+    except (KeyError, TypeError) as exc:
+        raise CorruptStoreError(f"{path / COMPLETE_FILE}: no list of final files ({exc!r})") from exc
+    sizes = complete.get("bytes", {})
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise CorruptStoreError(f"final file {file} of complete feature store {path} is missing")
+        if name in sizes and file.stat().st_size != sizes[name]:
+            raise CorruptStoreError(
+                f"final file {file} of complete feature store {path} is {file.stat().st_size} bytes, "
+                f"{COMPLETE_FILE} recorded {sizes[name]}"
+            )
+
+
+def _read_final_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path / TABLE_FILE, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptStoreError(f"final table {path / TABLE_FILE} cannot be read: {exc}") from exc
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
@@ -640,7 +679,8 @@ class StoreWriter:
         self._next_chunk = 0
         self.complete = (path / COMPLETE_FILE).is_file()
         if self.complete:
-            table = pq.read_table(path / TABLE_FILE, columns=[ID_COLUMN, ERROR_COLUMN])
+            _check_final_files(path)  # a damaged final file must not count its rows as done
+            table = _read_final_table(path, columns=[ID_COLUMN, ERROR_COLUMN])
             self._done = set(table[ID_COLUMN].to_pylist())
             self._error_reasons.update(reason for reason in table[ERROR_COLUMN].to_pylist() if reason is not None)
             if self._chunks_dir.exists():  # finalize was killed while deleting the chunks
@@ -863,6 +903,7 @@ class StoreWriter:
             "summary": _summary(table, len(self.expected_ids), True),
             "arrays": sorted(temporaries),
             "sha256": {name: _sha256_file(self.path / name) for name in files},
+            "bytes": {name: (self.path / name).stat().st_size for name in files},
         }
         _atomic_write_json(self.path / COMPLETE_FILE, complete)
         _fsync_dir(self.path)
