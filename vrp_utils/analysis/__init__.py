@@ -1,0 +1,1 @@
+"""Analyses from feature stores to numbers with intervals: statistics, metrics, probes, signals."""

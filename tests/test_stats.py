@@ -1,0 +1,338 @@
+"""vrp_utils.analysis.stats against independent references (never the library a function wraps).
+
+Values: hand-written Pearson, Mann-Whitney U, binomial test, hand-written Holm. Replicates: the
+vectorized weighted formulas equal scipy / scikit-learn on explicitly resampled row sets. Intervals:
+resampling whole images behaves like a cluster bootstrap (duplicated rows add no information).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+from sklearn.metrics import roc_auc_score
+
+from vrp_utils.analysis import stats as S
+from vrp_utils.analysis.stats import (
+    Estimate,
+    auroc,
+    cluster_bootstrap,
+    grouped_cv_pseudo_r2,
+    grouped_folds,
+    holm,
+    paired_accuracy_change,
+    point_biserial,
+)
+
+N_BOOT = 300  # light: the tests check formulas and wiring, not Monte Carlo precision
+
+
+def clustered(seed: int = 0, k: int = 60, ties: bool = False):
+    """Score, correctness and image ids; images of different sizes share an image effect."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 12, size=k)
+    groups = np.repeat(np.arange(k), sizes)
+    score = rng.normal(size=k)[groups] + rng.normal(size=groups.size)
+    if ties:
+        score = np.round(score, 0)
+    correct = (rng.random(groups.size) < 1 / (1 + np.exp(-score))).astype(int)
+    return score, correct, groups
+
+
+def hand_pearson(x: np.ndarray, y: np.ndarray) -> float:
+    dx, dy = x - x.mean(), y - y.mean()
+    return float((dx * dy).sum() / math.sqrt((dx * dx).sum() * (dy * dy).sum()))
+
+
+def hand_holm(p: list[float]) -> list[float]:
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def explicit_resample(rng, groups: np.ndarray):
+    """Rows of K groups drawn with replacement (duplicates kept) and the per-group draw counts."""
+    ids = np.unique(groups)
+    drawn = rng.choice(ids, size=ids.size, replace=True)
+    rows = np.concatenate([np.flatnonzero(groups == g) for g in drawn])
+    counts = np.array([np.sum(drawn == g) for g in ids], dtype=float)
+    return rows, counts
+
+
+def weighted_mean(x, weights):
+    return weights @ x / weights.sum(axis=-1)
+
+
+# ---------------------------------------------------------------------------------------- values
+
+
+def test_point_biserial_equals_hand_pearson():
+    score, correct, groups = clustered(1)
+    est = point_biserial(score, correct, groups, n_boot=N_BOOT)
+    assert est.value == pytest.approx(hand_pearson(score, correct.astype(float)), abs=1e-9)
+    assert (est.n, est.n_groups) == (groups.size, 60)
+    assert est.ci_low < est.value < est.ci_high
+
+
+def test_auroc_equals_mann_whitney_u_with_ties():
+    score, correct, groups = clustered(2, ties=True)
+    assert np.unique(score).size < score.size / 4  # many ties
+    pos, neg = score[correct == 1], score[correct == 0]
+    u = scipy.stats.mannwhitneyu(pos, neg).statistic
+    est = auroc(score, correct, groups, n_boot=N_BOOT)
+    assert est.value == pytest.approx(u / (pos.size * neg.size), abs=1e-9)
+    assert est.details["n_correct"] == pos.size and est.details["n_wrong"] == neg.size
+
+
+def test_p_values_are_z_tests_against_the_null_value():
+    score, correct, groups = clustered(3)
+    weak = score + 8 * np.random.default_rng(3).normal(size=score.size)  # p far from 0 and 1
+    a = auroc(weak, correct, groups, n_boot=N_BOOT)
+    r = point_biserial(weak, correct, groups, n_boot=N_BOOT)
+    for est, null in ((a, 0.5), (r, 0.0)):
+        z = (est.value - null) / est.details["bootstrap_se"]
+        assert 1e-4 < est.p_value < 0.9
+        assert est.p_value == pytest.approx(2 * scipy.stats.norm.sf(abs(z)), rel=1e-9, abs=0)
+
+
+def test_paired_accuracy_change_mcnemar_equals_binomial_test():
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(50), 6)
+    before = (rng.random(groups.size) < 0.7).astype(int)
+    flip_down = (before == 1) & (rng.random(groups.size) < 0.2)
+    flip_up = (before == 0) & (rng.random(groups.size) < 0.1)
+    after = np.where(flip_down, 0, np.where(flip_up, 1, before))
+    n10, n01 = int(flip_down.sum()), int(flip_up.sum())
+    est = paired_accuracy_change(before.astype(bool), after, groups, n_boot=N_BOOT)
+    assert est.value == pytest.approx(after.sum() / after.size - before.sum() / before.size, abs=1e-12)
+    assert est.p_value == pytest.approx(scipy.stats.binomtest(n01, n01 + n10, 0.5).pvalue, abs=1e-9)
+    assert est.details["n_correct_to_wrong"] == n10 and est.details["n_wrong_to_correct"] == n01
+    assert est.details["accuracy_before"] == pytest.approx(before.mean())
+    assert est.details["accuracy_after"] == pytest.approx(after.mean())
+    assert est.value < 0 and est.ci_low < est.value < est.ci_high
+    assert 0 < est.details["p_cluster_bootstrap"] < 1
+
+
+def test_holm_equals_hand_written_and_keeps_nan_out_of_family():
+    p = [0.01, 0.04, 0.03, 0.005, 0.5, 0.2]
+    assert holm(p) == pytest.approx(hand_holm(p), abs=1e-12)
+    with_missing = [0.01, None, 0.04, math.nan, 0.03]
+    out = holm(with_missing)
+    assert np.isnan(out[1]) and np.isnan(out[3])
+    assert out[[0, 2, 4]] == pytest.approx(hand_holm([0.01, 0.04, 0.03]), abs=1e-12)
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+# ------------------------------------------------------------------------- replicates = library
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_replicates_equal_library_on_resampled_rows(seed):
+    score, correct, groups = clustered(10 + seed, k=30, ties=True)  # ties within and across classes
+    codes = np.unique(groups, return_inverse=True)[1]
+    moments = S._pearson_moments(score, correct.astype(float))
+    auroc_terms = S._auroc_terms(score, correct, codes, 30)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        rows, counts = explicit_resample(rng, groups)
+        expected_r = scipy.stats.pearsonr(score[rows], correct[rows]).statistic
+        by_group = S._pearson_from_moments(S._group_sums(moments, codes, 30), counts[None])[0]
+        by_row = S._pearson_from_moments(moments, counts[codes][None])[0]
+        assert by_group == pytest.approx(expected_r, abs=1e-9)
+        assert by_row == pytest.approx(expected_r, abs=1e-9)
+        a = S._auroc_from_terms(*auroc_terms, counts[None])[0]
+        assert a == pytest.approx(roc_auc_score(correct[rows], score[rows]), abs=1e-9)
+        sizes = np.bincount(codes).astype(float)
+        d = S._ratio_of_sums(S._group_sums(score, codes, 30), sizes, counts[None])[0]
+        assert d == pytest.approx(score[rows].mean(), abs=1e-9)
+
+
+def test_image_level_shortcut_equals_row_level_bootstrap():
+    """The statistics bootstrap images over per-image sums; the row-weighted primitive must agree."""
+    score, correct, groups = clustered(13, k=40, ties=True)
+    y = correct.astype(float)
+
+    def row_pearson(x, y, weights):
+        w = weights.sum(axis=-1, keepdims=True)
+        dx = x - (weights @ x)[:, None] / w
+        dy = y - (weights @ y)[:, None] / w
+        return (weights * dx * dy).sum(-1) / np.sqrt((weights * dx**2).sum(-1) * (weights * dy**2).sum(-1))
+
+    beats = (score[correct == 1][:, None] > score[correct == 0][None]) + 0.5 * (
+        score[correct == 1][:, None] == score[correct == 0][None])
+
+    def row_auroc(weights):
+        wp, wn = weights[:, correct == 1], weights[:, correct == 0]
+        return ((wp @ beats) * wn).sum(-1) / (wp.sum(-1) * wn.sum(-1))
+
+    for est, rows in [
+        (point_biserial(score, correct, groups, n_boot=N_BOOT, seed=2),
+         cluster_bootstrap(row_pearson, [score, y], groups, n_boot=N_BOOT, seed=2)),
+        (auroc(score, correct, groups, n_boot=N_BOOT, seed=2),
+         cluster_bootstrap(row_auroc, [], groups, n_boot=N_BOOT, seed=2)),
+    ]:
+        assert (est.ci_low, est.ci_high) == pytest.approx((rows.low, rows.high), abs=1e-9)
+        assert est.details["bootstrap_se"] == pytest.approx(rows.standard_error, abs=1e-9)
+
+
+def test_cluster_bootstrap_weights_are_whole_group_resamples():
+    groups = np.array(["b", "a", "b", "c", "c", "c", "a", "d"])
+    seen = []
+
+    def record(weights):
+        seen.append(weights.copy())
+        return weights.sum(axis=-1)
+
+    ci = cluster_bootstrap(record, [], groups, n_boot=50, seed=3)
+    w = np.concatenate(seen)
+    assert w.shape == (50, groups.size)
+    for g in np.unique(groups):  # one count per group, shared by its rows
+        cols = w[:, groups == g]
+        assert (cols == cols[:, :1]).all()
+    per_group = np.stack([w[:, np.flatnonzero(groups == g)[0]] for g in np.unique(groups)], axis=1)
+    assert (per_group.sum(axis=1) == 4).all()  # K groups drawn per resample
+    sizes = np.array([np.sum(groups == g) for g in np.unique(groups)])
+    assert ci.replicates == pytest.approx(per_group @ sizes)  # rows of the resample
+
+
+# ----------------------------------------------------------------------------------- intervals
+
+
+def test_cluster_bootstrap_duplicated_groups_add_no_information():
+    k, m = 40, 9
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=k)
+    y = (rng.random(k) < 1 / (1 + np.exp(-x))).astype(int)
+    xd, yd, gd = np.repeat(x, m), np.repeat(y, m), np.repeat(np.arange(k), m)
+
+    def width(e):
+        return e.ci_high - e.ci_low
+
+    cluster = point_biserial(xd, yd, gd, n_boot=2000)
+    undeduplicated = point_biserial(x, y, np.arange(k), n_boot=2000)
+    rows_as_groups = point_biserial(xd, yd, np.arange(k * m), n_boot=2000)
+    assert width(cluster) == pytest.approx(width(undeduplicated), rel=0.1)
+    assert 2.4 < width(cluster) / width(rows_as_groups) < 3.6
+
+    mean_cluster = cluster_bootstrap(weighted_mean, [xd], gd, n_boot=2000)
+    mean_rows = cluster_bootstrap(weighted_mean, [xd], np.arange(k * m), n_boot=2000)
+    ratio = (mean_cluster.high - mean_cluster.low) / (mean_rows.high - mean_rows.low)
+    assert 2.4 < ratio < 3.6
+    assert 2.4 < mean_cluster.standard_error / mean_rows.standard_error < 3.6
+
+
+def test_seed_determines_interval():
+    score, correct, groups = clustered(6)
+    a = point_biserial(score, correct, groups, n_boot=N_BOOT, seed=7)
+    b = point_biserial(score, correct, groups, n_boot=N_BOOT, seed=7)
+    c = point_biserial(score, correct, groups, n_boot=N_BOOT, seed=8)
+    assert (a.ci_low, a.ci_high) == (b.ci_low, b.ci_high)
+    assert (a.ci_low, a.ci_high) != (c.ci_low, c.ci_high)
+    assert a.value == c.value
+
+
+def test_undefined_resamples_are_dropped_and_counted():
+    # Image 0 all correct, image 1 all wrong: a resample of only one of them has one class.
+    score = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3])
+    correct = np.array([1, 1, 0, 0, 1, 0])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    est = auroc(score, correct, groups, n_boot=200, seed=1)
+    assert est.value == 1.0 and math.isfinite(est.ci_low)
+    assert "undefined resamples dropped" in est.method
+
+
+# ----------------------------------------------------------------------------- undefined cases
+
+
+def test_constant_score_is_undefined_with_reason():
+    _, correct, groups = clustered(7)
+    est = point_biserial(np.full(correct.size, 0.3), correct, groups)
+    assert math.isnan(est.value) and math.isnan(est.ci_low) and est.p_value is None
+    assert est.details["undefined"] == f"score is constant over all {correct.size} examples"
+    assert str(est).startswith("undefined: score is constant")
+    assert json.loads(json.dumps(est.as_dict()))["value"] is None
+
+
+def test_constant_label_is_undefined_for_every_statistic():
+    score, correct, groups = clustered(8)
+    ones = np.ones_like(correct)
+    assert "correct is constant" in point_biserial(score, ones, groups).details["undefined"]
+    assert "only one class" in auroc(score, ones, groups).details["undefined"]
+    assert "correct is constant" in grouped_cv_pseudo_r2(score, ones, groups).details["undefined"]
+    assert math.isnan(auroc(score, 0 * ones, groups).value)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s, c, g: point_biserial(s[:-1], c, g), "length mismatch"),
+        (lambda s, c, g: auroc(s, c * 2, g), "0/1"),
+        (lambda s, c, g: point_biserial(s, np.where(c == 1, 0.5, 0.0), g), "0/1"),
+        (lambda s, c, g: point_biserial(np.where(c == 1, np.nan, s), c, g), "non-finite"),
+        (lambda s, c, g: auroc(np.where(c == 1, np.inf, s), c, g), "non-finite"),
+        (lambda s, c, g: auroc(s, c, np.zeros_like(g)), "at least 2 groups"),
+        (lambda s, c, g: point_biserial(s, c, g, n_boot=0), "n_boot"),
+        (lambda s, c, g: auroc(s, c, g, confidence=1.0), "confidence"),
+        (lambda s, c, g: paired_accuracy_change(c, c[:-1], g), "length mismatch"),
+        (lambda s, c, g: paired_accuracy_change(c, c + 1, g), "after must hold only 0/1"),
+        (lambda s, c, g: cluster_bootstrap(weighted_mean, [s], g, confidence=0), "confidence"),
+        (lambda s, c, g: grouped_cv_pseudo_r2(s, c, g, folds=500), "folds=500 needs"),
+        (lambda s, c, g: holm([0.1, 1.5]), r"\[0, 1\]"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_problem(call, message):
+    score, correct, groups = clustered(9, k=20)
+    with pytest.raises(ValueError, match=message):
+        call(score, correct, groups)
+
+
+# ------------------------------------------------------------------------------------ pseudo-R2
+
+
+def test_pseudo_r2_near_zero_on_noise_and_high_when_feature_decides():
+    rng = np.random.default_rng(11)
+    groups = np.repeat(np.arange(150), 4)
+    correct = (rng.random(groups.size) < 0.6).astype(int)
+    noise = rng.normal(size=(groups.size, 3))
+    est = grouped_cv_pseudo_r2(noise, correct, groups, n_boot=N_BOOT)
+    assert abs(est.value) < 0.05
+    assert est.ci_low < est.value < est.ci_high
+    # The null predicts each training fold's base rate on the held-out fold.
+    fold = grouped_folds(correct, groups, folds=5, seed=0)
+    rate = np.array([correct[fold != f].mean() for f in range(5)])[fold]
+    ll_null = np.sum(np.where(correct == 1, np.log(rate), np.log(1 - rate)))
+    assert est.details["log_likelihood_null"] == pytest.approx(ll_null, abs=1e-9)
+
+    decisive = rng.normal(size=groups.size)
+    est = grouped_cv_pseudo_r2(decisive, (decisive > 0).astype(int), groups, n_boot=N_BOOT)
+    assert est.value > 0.3
+    assert est.details["log_likelihood_model"] > est.details["log_likelihood_null"]
+
+
+def test_grouped_folds_never_split_an_image():
+    _, correct, groups = clustered(12, k=40)
+    fold = grouped_folds(correct, groups, folds=5, seed=3)
+    assert set(fold) == set(range(5))
+    for g in np.unique(groups):
+        assert np.unique(fold[groups == g]).size == 1
+    assert not np.array_equal(fold, grouped_folds(correct, groups, folds=5, seed=4))
+
+
+# ------------------------------------------------------------------------------------ Estimate
+
+
+def test_estimate_prints_and_serializes_with_its_interval():
+    est = Estimate(0.1234, 0.0511, 0.1972, "m", 1725, 180, None, {"k": np.int64(3), "x": np.nan})
+    assert str(est) == "0.123 [0.051, 0.197] (n=1725, 180 images)"
+    d = est.as_dict()
+    assert d["details"] == {"k": 3, "x": None}
+    assert json.loads(json.dumps(d)) == d
+    with pytest.raises(AttributeError):
+        est.value = 0.2  # frozen
