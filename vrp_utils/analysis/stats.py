@@ -491,6 +491,29 @@ def paired_accuracy_change(
     return Estimate(value, ci.low, ci.high, method, n, k, p_mcnemar, details)
 
 
+def mean_estimate(
+    values: Any,
+    groups: Any,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Estimate:
+    """The mean of ``values`` with its CI over images (e.g. in-box attention mass, a yes-ratio shift).
+
+    No p-value: a mean has no natural null here; callers compare CIs (or a chance level) instead.
+    """
+    _check_bootstrap_options(n_boot, confidence)
+    x = _as_scores("values", values)
+    n = _check_lengths(values=x, groups=groups)
+    codes, k = _group_codes(groups)
+    sums = _group_sums(x, codes, k)
+    size = np.bincount(codes, minlength=k).astype(float)
+    ci = cluster_bootstrap(_ratio_of_sums, [sums, size], np.arange(k), n_boot=n_boot, seed=seed, confidence=confidence)
+    method = f"mean; {_bootstrap_text(n_boot, seed, confidence, ci)}"
+    return Estimate(float(x.mean()), ci.low, ci.high, method, n, k, None, {"bootstrap_se": ci.standard_error})
+
+
 def holm(p_values: Any) -> np.ndarray:
     """Holm step-down adjusted p-values (statsmodels ``multipletests``), for a family of tests.
 
