@@ -117,3 +117,18 @@ def test_inbox_mass_and_its_chance_level():
     assert inbox_mass(p, inside) == (pytest.approx(0.6), 0.5)
     # mass moved between tokens outside the box does not change in-box mass
     assert inbox_mass(np.array([0.4, 0.3, 0.1, 0.2]), inside)[0] == pytest.approx(0.6)
+
+
+def test_ck_dbscan_equals_scikit_learn_dbscan_on_random_maps():
+    from sklearn.cluster import DBSCAN
+
+    rng = np.random.default_rng(5)
+    for trial in range(400):
+        grid = [(8, 8), (4, 4), (6, 5), (24, 24)][trial % 4]
+        p = rng.random(grid[0] * grid[1]) ** 8  # peaked maps: clustered and scattered top tokens both occur
+        p /= p.sum()
+        k = math.ceil(0.1 * len(p))
+        order = np.lexsort((np.arange(len(p)), -p))[:k]
+        coordinates = np.stack(np.divmod(order, grid[1]), axis=1)
+        labels = DBSCAN(eps=1.5, min_samples=3).fit(coordinates).labels_ if k else np.array([])
+        assert ck_dbscan(p, grid) == len(set(labels.tolist()) - {-1})

@@ -28,10 +28,12 @@ from vrp_utils.data.benchmark import SETTINGS
 from vrp_utils.extract.engine import (
     ExtractionSettings, Intervention, code_version, dataset_fingerprint, extract, store_settings,
 )
-from vrp_utils.extract.store import FeatureStore, store_path
+from vrp_utils.extract.store import FeatureStore, StoreLockedError, store_path
 from vrp_utils.paths import BENCHMARK_DIR, STORE_DIR
 
 DISTINCT_SETTING = "distinct"
+#: How long to wait for another process that is writing the same store before giving up.
+LOCK_WAIT_SECONDS = 3600.0
 #: The embedded zoo, in the order the book reports it.
 ZOO_MODELS = ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")
 
@@ -208,7 +210,20 @@ def open_or_extract(
         return FeatureStore.open(path, expect=expect)
     if not extract_missing:
         raise FileNotFoundError(f"no finished feature store for {model} at {path}; run `make features` or open with extract_missing=True")
-    return extract(load_model(model), dataset, extraction, root=root, progress=progress, intervention=intervention)
+    loaded = load_model(model)
+    waited = 0.0
+    while True:
+        try:
+            return extract(loaded, dataset, extraction, root=root, progress=progress, intervention=intervention)
+        except StoreLockedError:
+            # Another process (a second notebook, `make features`) is writing this very store: wait for it
+            # and read its result rather than fail or write twice.
+            if waited == 0:
+                print(f"waiting for another process writing {path} ...", file=sys.stderr, flush=True)
+            if waited > LOCK_WAIT_SECONDS:
+                raise
+            time.sleep(2.0)
+            waited += 2.0
 
 
 def open_features(
