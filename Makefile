@@ -28,7 +28,7 @@ BASELINES := results/baselines.json
 MATHJAX := book/mathjax_root/mathjax/tex-chtml.js
 INDEX := _build/html/index.html
 
-.PHONY: all venv data models features baselines readme mathjax notebooks book test test-unit clean clean-book help
+.PHONY: all venv data models features baselines readme mathjax notebooks book test test-unit verify reference clean clean-book help
 all: book
 
 help:
@@ -36,6 +36,8 @@ help:
 	@echo "make features  extract each zoo model once over the distinct benchmark inputs"
 	@echo "make test   run the whole test suite (builds what the tests read first)"
 	@echo "make test-unit  fast tests only (no built data needed)"
+	@echo "make verify  compare results/*.json with results/reference/ (tolerances: results/reference/tolerances.yml)"
+	@echo "make reference  rewrite results/reference/ from the current results and say what changed"
 
 venv: $(STAMP)/venv
 $(STAMP)/venv: requirements.txt pyproject.toml
@@ -90,6 +92,15 @@ $(INDEX): $(EXECUTED) book/generated/status.md $(BOOK_PAGES) $(MATHJAX) $(BASELI
 
 test: book
 	$(PY) -m pytest -q
+
+# Every notebook's numbers against the committed reference, under results/reference/tolerances.yml.
+verify: $(EXECUTED) $(BASELINES)
+	$(PY) -m vrp_utils.verify check
+
+# The only way to change the reference; re-run it (and commit results/reference/) when a chapter is
+# added or a change of numbers is intended. It refuses quantities that no tolerance rule covers.
+reference: $(EXECUTED) $(BASELINES)
+	$(PY) -m vrp_utils.verify update
 
 test-unit: $(STAMP)/venv
 	$(PY) -m pytest -q -m "not built"
