@@ -28,6 +28,19 @@ BASELINES := results/baselines.json
 MATHJAX := book/mathjax_root/mathjax/tex-chtml.js
 INDEX := _build/html/index.html
 
+# System prerequisites (Python 3.11, npm; chromium for `make test`) are checked while make reads this
+# file, before any step of `make book` or `make test` runs, even with -j: a missing one stops the build
+# in its first second, naming it and the command that installs it (.ci/prereqs). SKIP_PREREQS=1 skips.
+PREREQ_GOALS := $(filter all book test,$(or $(MAKECMDGOALS),all))
+ifneq ($(PREREQ_GOALS),)
+ifneq ($(SKIP_PREREQS),1)
+PREREQ_FAILED := $(shell PYTHON_SYS='$(PYTHON_SYS)' bash .ci/prereqs $(if $(filter test,$(PREREQ_GOALS)),--browser) >&2 || echo failed)
+ifneq ($(PREREQ_FAILED),)
+$(error stopped before building anything: install the prerequisites named above)
+endif
+endif
+endif
+
 .PHONY: all venv data models features baselines readme mathjax notebooks book test test-unit verify reference clean clean-book help
 all: book
 
