@@ -95,7 +95,8 @@ notebooks: $(EXECUTED)
 book/generated/%.ipynb: notebooks/%.md $(PKG_SRC) $(BENCHMARK) $(ZOO) $(FEATURES) $(STAMP)/venv
 	$(PY) -m vrp_utils.run $<
 
-book/generated/status.md: $(EXECUTED) vrp_utils/book.py
+# The status page also shows the benchmarks' ratios and the last `make verify` (if it ran).
+book/generated/status.md: $(EXECUTED) vrp_utils/book.py $(wildcard benchmarks/results/*.json results/verify/summary.json)
 	$(PY) -m vrp_utils.book status
 
 book: $(INDEX)

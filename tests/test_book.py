@@ -49,9 +49,46 @@ def test_status_page_lists_runs(tmp_path):
     }
     (tmp_path / "01_attention.json").write_text(json.dumps(record))
     (tmp_path / "baselines.json").write_text(json.dumps({"table": []}))  # not a run record: ignored
-    page = book.write_status(tmp_path, tmp_path / "status.md").read_text()
+    page = book.write_status(tmp_path, tmp_path / "status.md", benchmarks_dir=tmp_path / "none").read_text()
     assert "| 01_attention | 2026-01-01T00:00:00Z | 12.5 | `n=5` |" in page
     assert "model = 'zoo-llava'" in page
+    assert "not declared by this notebook" in page and "`make verify` has not run" in page
+
+
+def test_status_page_shows_inputs_commit_versions_benchmarks_and_verify(tmp_path):
+    from vrp_utils import verify
+
+    results, benchmarks = tmp_path / "results", tmp_path / "benchmarks"
+    results.mkdir()
+    benchmarks.mkdir()
+    record = {
+        "notebook": "00_benchmark_and_zoo", "source": "notebooks/00_benchmark_and_zoo.md", "parameters": {"seed": 0},
+        "overridden": [], "results": {}, "finished_utc": "2026-01-01T00:00:00Z", "duration_s": 3.0,
+        "host": {"machine": "x86_64", "python": "3.11.7", "cpus": 2}, "versions": {"torch": "2.13.0", "numpy": "2.4.6"},
+        "git": {"commit": "0123456789abcdef", "dirty": True},
+        "inputs": {"data": {"benchmark": "aaaa1111"}, "models": {"zoo-llava": "bbbb2222"}},
+    }
+    (results / "00_benchmark_and_zoo.json").write_text(json.dumps(record))
+    (benchmarks / "bench_x.json").write_text(json.dumps({"claim": "fast", "ratios": {"capture_over_plain": 0.9776}}))
+    (benchmarks / "other.json").write_text(json.dumps({"rows": []}))  # no ratios: not listed
+    summary = results / "verify" / "summary.json"
+    summary.parent.mkdir()
+    summary.write_text(json.dumps({
+        "passed": False, "checked_utc": "2026-01-02T00:00:00Z", "git_commit": "fedcba9876", "compared": 10, "ignored": 2,
+        "failed": 1, "failures": [{"quantity": "00_benchmark_and_zoo/results/x", "reference": "0.5", "new": "0.7",
+                                   "tolerance": "abs 0.01", "problem": "outside tolerance"}],
+        "files": verify.results_digest(results), "cpu": "cpu A", "reference_cpu": "cpu B",
+    }))
+    page = book.write_status(results, tmp_path / "status.md", benchmarks_dir=benchmarks).read_text()
+    assert "`0123456789` (uncommitted changes)" in page
+    assert "| data | benchmark | `aaaa1111` |" in page and "| models | zoo-llava | `bbbb2222` |" in page
+    assert "numpy 2.4.6, torch 2.13.0" in page
+    assert "| `bench_x.json` | capture_over_plain | 0.978x |" in page and "other.json" not in page
+    assert "**failed** (1 quantities)" in page and "| `00_benchmark_and_zoo/results/x` | 0.5 | 0.7 | abs 0.01 |" in page
+    assert "Results changed since" not in page
+    (results / "00_benchmark_and_zoo.json").write_text(json.dumps(record | {"duration_s": 4.0}))
+    page = book.write_status(results, tmp_path / "status.md", benchmarks_dir=benchmarks).read_text()
+    assert "Results changed since that check (00_benchmark_and_zoo)" in page
 
 
 def _chromium() -> str:

@@ -285,7 +285,7 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def _digest(directory: Path) -> dict[str, str]:
+def results_digest(directory: Path) -> dict[str, str]:
     return {stem: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for stem, p in results_files(directory).items()}
 
 
@@ -322,7 +322,7 @@ def check(results_dir: Path = RESULTS_DIR, reference_dir: Path = REFERENCE_DIR, 
             "passed": not mismatches, "checked_utc": here["written_utc"], "git_commit": here["git_commit"],
             "compared": counts["compared"], "ignored": counts["ignored"], "failed": len(mismatches),
             "failures": [dict(zip(("quantity", "reference", "new", "tolerance", "problem"), m.row())) for m in mismatches[:50]],
-            "files": _digest(results_dir), "reference_cpu": ref_prov.get("cpu"), "cpu": here["cpu"],
+            "files": results_digest(results_dir), "reference_cpu": ref_prov.get("cpu"), "cpu": here["cpu"],
         })
     return 1 if mismatches else 0
 
