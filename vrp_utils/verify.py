@@ -240,7 +240,7 @@ def compare(reference: dict[str, Any], new: dict[str, Any], rules: list[Rule]) -
         elif cur is not _MISSING and ref is not _MISSING and rule_for(name, cur, rules) is not rule:
             mismatches.append(Mismatch(name, ref, cur, rule.describe(), "type changed"))
         elif not _within(ref, cur, rule):
-            mismatches.append(Mismatch(name, ref, cur, rule.describe(), "outside tolerance"))
+            mismatches.append(Mismatch(name, ref, cur, rule.describe(), "differs" if rule.kind == "exact" else "outside tolerance"))
     return mismatches, counts
 
 
