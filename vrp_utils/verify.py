@@ -278,8 +278,14 @@ def provenance() -> dict[str, Any]:
             versions[package] = version(package)
         except PackageNotFoundError:
             continue
+    try:  # the SIMD kernels torch dispatches to (e.g. AVX2 vs AVX512) change float32 results' last bits
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - provenance must not fail the check
+        capability = None
     return {
-        "cpu": _cpu_model(), "machine": platform.machine(), "cpus": os.cpu_count(), "platform": platform.platform(),
+        "cpu": _cpu_model(), "cpu_capability": capability, "machine": platform.machine(), "cpus": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "versions": versions, "git_commit": _git_commit(),
         "written_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -303,7 +309,8 @@ def check(results_dir: Path = RESULTS_DIR, reference_dir: Path = REFERENCE_DIR, 
     files = sorted(set(results_files(results_dir)) | set(results_files(reference_dir)))
     print(f"verify: {len(files)} results files ({', '.join(files)}), {counts['compared']} quantities compared, "
           f"{counts['ignored']} ignored by rule", file=out)
-    differs = [k for k in ("cpu", "machine", "python") if ref_prov.get(k) != here[k]]
+    differs = [f"{k} {ref_prov.get(k)} -> {here[k]}" for k in ("cpu", "cpu_capability", "machine", "python")
+               if ref_prov.get(k) != here[k]]
     differs += [f"{k} {ref_prov.get('versions', {}).get(k)} -> {v}" for k, v in here["versions"].items()
                 if ref_prov.get("versions", {}).get(k) != v]
     if differs:
