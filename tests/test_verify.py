@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -58,13 +59,23 @@ def _edit(path: Path, change) -> None:
 
 
 def _check(results: Path, reference: Path) -> tuple[int, str, dict]:
+    """``verify check`` in-process (the CLI itself is run once, below)."""
     summary = results / "verify" / "summary.json"
+    out = io.StringIO()
+    code = verify.check(results, reference, summary, out=out)
+    return code, out.getvalue(), json.loads(summary.read_text()) if summary.is_file() else {}
+
+
+def test_cli_exits_nonzero_naming_the_quantity(dirs):
+    results, reference = dirs
+    _edit(reference / "01_attention.json", lambda p: p["results"]["benchmark_questions"].update({"random": 1000}))
     done = subprocess.run(
-        [sys.executable, "-m", "vrp_utils.verify", "check", "--results", str(results), "--reference", str(reference),
-         "--summary", str(summary)],
+        [sys.executable, "-m", "vrp_utils.verify", "check", "--results", str(results), "--reference", str(reference)],
         capture_output=True, text=True, cwd=REPO_ROOT, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)}, timeout=120,
     )
-    return done.returncode, done.stdout + done.stderr, json.loads(summary.read_text()) if summary.is_file() else {}
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "01_attention/results/benchmark_questions/random" in done.stdout and "1000" in done.stdout
+    assert (results / "verify" / "summary.json").is_file()
 
 
 def test_identical_results_pass_and_summary_is_written(dirs):
