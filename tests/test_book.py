@@ -208,6 +208,9 @@ def test_built_book_renders_offline_with_maths(page, tmp_path):
     unresolved = _unresolved(path, parsed)
     assert not unresolved, f"{page}: " + "; ".join(unresolved)
 
+    prose = re.sub(r"<pre\b.*?</pre>", "", dom, flags=re.DOTALL)
+    # (smart quotes turn the rule row's "---" into an em dash)
+    assert not re.search(r"\|\s*[-—–:]+\s*\|", prose), f"{page} shows a Markdown table as text, unrendered"
     if 'class="math' in static:
         assert "mjx-container" in dom, f"MathJax did not typeset the maths of {page}"
         assert "<mjx-merror" not in dom, f"MathJax reported a maths error on {page}"
