@@ -198,3 +198,15 @@ def test_committed_reference_is_complete_and_covered():
     assert ignored.returncode == 1, "results/reference/ must not be git-ignored"
     assert yaml.safe_load((verify.TOLERANCES).read_text())["rules"]
 
+
+
+def test_update_summarises_a_new_or_removed_results_file(dirs, capsys):
+    results, reference = dirs
+    shutil.copy(results / "01_attention.json", results / "02_masking.json")
+    assert verify.update(results, reference) == 0
+    out = capsys.readouterr().out
+    assert "new in the reference: 02_masking (" in out and "02_masking/results" not in out
+    (results / "02_masking.json").unlink()
+    assert verify.update(results, reference) == 0
+    assert "removed from the reference: 02_masking" in capsys.readouterr().out
+    assert not (reference / "02_masking.json").exists()

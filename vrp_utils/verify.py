@@ -351,8 +351,13 @@ def update(results_dir: Path = RESULTS_DIR, reference_dir: Path = REFERENCE_DIR,
             print(f"  ... and {len(uncovered) - 40} more", file=out)
         return 1
     old = quantities(reference_dir) if results_files(reference_dir) else {}
+    added = sorted(set(current) - set(results_files(reference_dir)))
+    removed = sorted(set(results_files(reference_dir)) - set(current))
+    whole = tuple(f"{stem}/" for stem in added + removed)  # summarised per file, not per quantity
     changes = []
     for name in sorted(set(old) | set(new)):
+        if name.startswith(whole):
+            continue
         a, b = old.get(name, _MISSING), new.get(name, _MISSING)
         if a is _MISSING or b is _MISSING or type(a) is not type(b) or a != b:
             rule = rule_for(name, b if b is not _MISSING else a, rules)
@@ -364,10 +369,16 @@ def update(results_dir: Path = RESULTS_DIR, reference_dir: Path = REFERENCE_DIR,
     write_json_atomic(reference_dir / PROVENANCE, provenance())
     if not old:
         print(f"reference created: {len(new)} quantities from {', '.join(current)}", file=out)
-    elif changes:
+        changes = []
+    for stem in added:
+        if old:
+            print(f"new in the reference: {stem} ({sum(k.startswith(stem + '/') for k in new)} quantities)", file=out)
+    for stem in removed:
+        print(f"removed from the reference: {stem} (no results/{stem}.json)", file=out)
+    if changes:
         print(f"reference updated: {len(changes)} quantities changed (including ignored ones):\n", file=out)
         print(table(changes, ("quantity", "old reference", "new reference", "rule")), file=out)
-    else:
+    elif old and not added and not removed:
         print("reference updated: no quantity changed (provenance rewritten)", file=out)
     print(f"\nnow commit {reference_dir.relative_to(REPO_ROOT) if reference_dir.is_relative_to(REPO_ROOT) else reference_dir}/",
           file=out)
