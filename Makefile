@@ -28,7 +28,20 @@ BASELINES := results/baselines.json
 MATHJAX := book/mathjax_root/mathjax/tex-chtml.js
 INDEX := _build/html/index.html
 
-.PHONY: all venv data models features baselines readme mathjax notebooks book test test-unit clean clean-book help
+# System prerequisites (Python 3.11, npm; chromium for `make test`) are checked while make reads this
+# file, before any step of `make book` or `make test` runs, even with -j: a missing one stops the build
+# in its first second, naming it and the command that installs it (.ci/prereqs). SKIP_PREREQS=1 skips.
+PREREQ_GOALS := $(filter all book test,$(or $(MAKECMDGOALS),all))
+ifneq ($(PREREQ_GOALS),)
+ifneq ($(SKIP_PREREQS),1)
+PREREQ_FAILED := $(shell PYTHON_SYS='$(PYTHON_SYS)' bash .ci/prereqs $(if $(filter test,$(PREREQ_GOALS)),--browser) >&2 || echo failed)
+ifneq ($(PREREQ_FAILED),)
+$(error stopped before building anything: install the prerequisites named above)
+endif
+endif
+endif
+
+.PHONY: all venv data models features baselines readme mathjax notebooks book test test-unit verify reference clean clean-book help
 all: book
 
 help:
@@ -36,6 +49,8 @@ help:
 	@echo "make features  extract each zoo model once over the distinct benchmark inputs"
 	@echo "make test   run the whole test suite (builds what the tests read first)"
 	@echo "make test-unit  fast tests only (no built data needed)"
+	@echo "make verify  compare results/*.json with results/reference/ (tolerances: results/reference/tolerances.yml)"
+	@echo "make reference  rewrite results/reference/ from the current results and say what changed"
 
 venv: $(STAMP)/venv
 $(STAMP)/venv: requirements.txt pyproject.toml
@@ -80,7 +95,8 @@ notebooks: $(EXECUTED)
 book/generated/%.ipynb: notebooks/%.md $(PKG_SRC) $(BENCHMARK) $(ZOO) $(FEATURES) $(STAMP)/venv
 	$(PY) -m vrp_utils.run $<
 
-book/generated/status.md: $(EXECUTED) vrp_utils/book.py
+# The status page also shows the benchmarks' ratios and the last `make verify` (if it ran).
+book/generated/status.md: $(EXECUTED) vrp_utils/book.py $(wildcard benchmarks/results/*.json results/verify/summary.json)
 	$(PY) -m vrp_utils.book status
 
 book: $(INDEX)
@@ -90,6 +106,15 @@ $(INDEX): $(EXECUTED) book/generated/status.md $(BOOK_PAGES) $(MATHJAX) $(BASELI
 
 test: book
 	$(PY) -m pytest -q
+
+# Every notebook's numbers against the committed reference, under results/reference/tolerances.yml.
+verify: $(EXECUTED) $(BASELINES)
+	$(PY) -m vrp_utils.verify check
+
+# The only way to change the reference; re-run it (and commit results/reference/) when a chapter is
+# added or a change of numbers is intended. It refuses quantities that no tolerance rule covers.
+reference: $(EXECUTED) $(BASELINES)
+	$(PY) -m vrp_utils.verify update
 
 test-unit: $(STAMP)/venv
 	$(PY) -m pytest -q -m "not built"

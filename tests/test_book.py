@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import urlparse
+from html.parser import HTMLParser
+from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -14,6 +16,7 @@ from vrp_utils import book
 from vrp_utils.paths import REPO_ROOT
 
 HTML = REPO_ROOT / "_build" / "html"
+SCREENSHOTS = REPO_ROOT / "_build" / "screenshots"
 # Chromium's own background services (updates, accounts) ping these even with background
 # networking disabled; they are the browser's requests, not the page's.
 BROWSER_SERVICE_HOSTS = ("google.com", "googleapis.com", "gvt1.com")
@@ -49,9 +52,46 @@ def test_status_page_lists_runs(tmp_path):
     }
     (tmp_path / "01_attention.json").write_text(json.dumps(record))
     (tmp_path / "baselines.json").write_text(json.dumps({"table": []}))  # not a run record: ignored
-    page = book.write_status(tmp_path, tmp_path / "status.md").read_text()
+    page = book.write_status(tmp_path, tmp_path / "status.md", benchmarks_dir=tmp_path / "none").read_text()
     assert "| 01_attention | 2026-01-01T00:00:00Z | 12.5 | `n=5` |" in page
     assert "model = 'zoo-llava'" in page
+    assert "not declared by this notebook" in page and "`make verify` has not run" in page
+
+
+def test_status_page_shows_inputs_commit_versions_benchmarks_and_verify(tmp_path):
+    from vrp_utils import verify
+
+    results, benchmarks = tmp_path / "results", tmp_path / "benchmarks"
+    results.mkdir()
+    benchmarks.mkdir()
+    record = {
+        "notebook": "00_benchmark_and_zoo", "source": "notebooks/00_benchmark_and_zoo.md", "parameters": {"seed": 0},
+        "overridden": [], "results": {}, "finished_utc": "2026-01-01T00:00:00Z", "duration_s": 3.0,
+        "host": {"machine": "x86_64", "python": "3.11.7", "cpus": 2}, "versions": {"torch": "2.13.0", "numpy": "2.4.6"},
+        "git": {"commit": "0123456789abcdef", "dirty": True},
+        "inputs": {"data": {"benchmark": "aaaa1111"}, "models": {"zoo-llava": "bbbb2222"}},
+    }
+    (results / "00_benchmark_and_zoo.json").write_text(json.dumps(record))
+    (benchmarks / "bench_x.json").write_text(json.dumps({"claim": "fast", "ratios": {"capture_over_plain": 0.9776}}))
+    (benchmarks / "other.json").write_text(json.dumps({"rows": []}))  # no ratios: not listed
+    summary = results / "verify" / "summary.json"
+    summary.parent.mkdir()
+    summary.write_text(json.dumps({
+        "passed": False, "checked_utc": "2026-01-02T00:00:00Z", "git_commit": "fedcba9876", "compared": 10, "ignored": 2,
+        "failed": 1, "failures": [{"quantity": "00_benchmark_and_zoo/results/x", "reference": "0.5", "new": "0.7",
+                                   "tolerance": "abs 0.01", "problem": "outside tolerance"}],
+        "files": verify.results_digest(results), "cpu": "cpu A", "reference_cpu": "cpu B",
+    }))
+    page = book.write_status(results, tmp_path / "status.md", benchmarks_dir=benchmarks).read_text()
+    assert "`0123456789` (uncommitted changes)" in page
+    assert "| data | benchmark | `aaaa1111` |" in page and "| models | zoo-llava | `bbbb2222` |" in page
+    assert "numpy 2.4.6, torch 2.13.0" in page
+    assert "| `bench_x.json` | capture_over_plain | 0.978x |" in page and "other.json" not in page
+    assert "**failed** (1 quantities)" in page and "| `00_benchmark_and_zoo/results/x` | 0.5 | 0.7 | abs 0.01 |" in page
+    assert "Results changed since" not in page
+    (results / "00_benchmark_and_zoo.json").write_text(json.dumps(record | {"duration_s": 4.0}))
+    page = book.write_status(results, tmp_path / "status.md", benchmarks_dir=benchmarks).read_text()
+    assert "Results changed since that check (00_benchmark_and_zoo)" in page
 
 
 def _chromium() -> str:
@@ -76,9 +116,77 @@ def _browse(page: Path, tmp_path: Path, *extra: str) -> tuple[str, set[str]]:
     return done.stdout, urls
 
 
+def _toc_pages() -> list[str]:
+    """Every page of ``_toc.yml`` as its built HTML path, plus the site's entry ``index.html``."""
+    return ["index.html", *(f"{name}.html" for name in book.toc_files())]
+
+
+def _analysis_chapter() -> str:
+    """The chapter to screenshot: the first executed analysis chapter in the toc (00 only if it is alone)."""
+    chapters = [n for n in book.toc_files() if n.startswith("book/generated/") and Path(n).name != "status"]
+    later = [n for n in chapters if not Path(n).name.startswith("00_")]
+    return f"{(later or chapters)[0]}.html"
+
+
+class _Page(HTMLParser):
+    """Links, images, scripts, stylesheets and element ids of an HTML document."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[tuple[str, str]] = []  # (tag, url)
+        self.images: list[dict[str, str]] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = {k: v or "" for k, v in attrs}
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "a" and "href" in attrs:
+            self.refs.append((tag, attrs["href"]))
+        elif tag in ("img", "script") and attrs.get("src"):
+            self.refs.append((tag, attrs["src"]))
+            if tag == "img":
+                self.images.append(attrs)
+        elif tag == "link" and attrs.get("href"):
+            self.refs.append((tag, attrs["href"]))
+
+
+def _parse(html: str) -> _Page:
+    parser = _Page()
+    parser.feed(html)
+    return parser
+
+
+def _unresolved(page: Path, parsed: _Page) -> list[str]:
+    """Internal links and resources of ``page`` that name no built file (or no element, for a fragment)."""
+    bad = []
+    for tag, ref in parsed.refs:
+        url = urlparse(ref)
+        if url.scheme in ("http", "https", "mailto", "data", "javascript", "blob") or url.netloc:
+            continue  # outside links are links, not requests; requests are checked through the net log
+        target = Path(unquote(url.path)) if url.scheme == "file" else (page.parent / unquote(url.path)).resolve()
+        if not url.path:
+            target = page
+        if target.is_dir():
+            target = target / "index.html"
+        if not target.is_file():
+            bad.append(f"<{tag}> {ref}: no file {target}")
+            continue
+        if not target.resolve().is_relative_to(HTML.resolve()):
+            bad.append(f"<{tag}> {ref}: outside the built book ({target})")
+        elif url.fragment and target.suffix == ".html":
+            ids = parsed.ids if target == page else _parse(target.read_text()).ids
+            if unquote(url.fragment) not in ids:
+                bad.append(f"<{tag}> {ref}: no element with id {url.fragment!r} in {target.name}")
+    return bad
+
+
 @pytest.mark.built
-@pytest.mark.parametrize("page", ["index.html", "book/intro.html", "book/rerun.html", "book/generated/status.html", "book/generated/00_benchmark_and_zoo.html"])
+@pytest.mark.parametrize("page", _toc_pages())
 def test_built_book_renders_offline_with_maths(page, tmp_path):
+    """Each page of the toc, opened from the built files with every outside host unresolvable: no request
+    leaves the book, every request and every internal link and image resolves, maths is typeset by the
+    vendored MathJax, and an executed chapter shows its figures."""
     path = HTML / page
     assert path.is_file(), f"{path} missing: run `make book`"
     dom, urls = _browse(path, tmp_path, "--dump-dom")
@@ -88,6 +196,57 @@ def test_built_book_renders_offline_with_maths(page, tmp_path):
         and not (urlparse(u).hostname or "").endswith(BROWSER_SERVICE_HOSTS)
     }
     assert not outside, f"{page} requested outside resources: {sorted(outside)}"
+    assert dom.strip(), f"{page}: the browser returned an empty document"
+
+    static = path.read_text()
+    redirect = re.search(r'http-equiv="refresh"[^>]*url=([^"\s>]+)', static, re.IGNORECASE)
+    if redirect:  # the site's index.html forwards to the root page: the DOM is that page's
+        path = (path.parent / unquote(redirect.group(1))).resolve()
+        assert path.is_file() and path.is_relative_to(HTML.resolve()), f"{page} forwards to a missing page {path}"
+        static = path.read_text()
+    parsed = _parse(dom)
+    unresolved = _unresolved(path, parsed)
+    assert not unresolved, f"{page}: " + "; ".join(unresolved)
+
+    prose = re.sub(r"<pre\b.*?</pre>", "", dom, flags=re.DOTALL)
+    # (smart quotes turn the rule row's "---" into an em dash)
+    assert not re.search(r"\|\s*[-—–:]+\s*\|", prose), f"{page} shows a Markdown table as text, unrendered"
+    if 'class="math' in static:
+        assert "mjx-container" in dom, f"MathJax did not typeset the maths of {page}"
+        assert "<mjx-merror" not in dom, f"MathJax reported a maths error on {page}"
+        # (Chromium's net log does not list file: loads: the script element names what was loaded.)
+        vendored = HTML.resolve() / "mathjax" / "tex-chtml.js"
+        scripts = {(path.parent / unquote(urlparse(ref).path)).resolve() for tag, ref in parsed.refs
+                   if tag == "script" and "mathjax" in ref.lower()}
+        assert scripts == {vendored}, f"{page} loads MathJax from {sorted(map(str, scripts))}, not {vendored}"
     if page == "book/intro.html":
-        assert "mjx-container" in dom, "MathJax did not typeset the introduction's maths"
-        assert "<mjx-merror" not in dom, "MathJax reported a maths error"
+        assert "mjx-container" in dom, "the introduction's maths is not typeset"
+
+    if page.startswith("book/generated/") and Path(page).stem != "status":
+        figures = [img for img in parsed.images if "/_images/" in f"/{img['src']}" or img["src"].startswith("data:image")]
+        assert figures, f"{page}: an executed chapter without a figure"
+        for img in figures:
+            if not img["src"].startswith("data:"):
+                file = (path.parent / unquote(img["src"])).resolve()
+                assert file.stat().st_size > 1000, f"{page}: figure {img['src']} is nearly empty"
+
+
+@pytest.mark.built
+def test_screenshots_of_the_introduction_and_an_analysis_chapter(tmp_path):
+    """Screenshots for a reader of the CI log: _build/screenshots/{intro,<chapter>}.png."""
+    from PIL import Image
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    # The chapter's screenshot is tall enough to reach past its setup cells to its first figures.
+    for page, size in (("book/intro.html", (1280, 1600)), (_analysis_chapter(), (1280, 4000))):
+        out = SCREENSHOTS / f"{Path(page).stem}.png"
+        out.unlink(missing_ok=True)
+        (tmp_path / Path(page).stem).mkdir()
+        _browse(HTML / page, tmp_path / Path(page).stem, f"--screenshot={out}", f"--window-size={size[0]},{size[1]}",
+                "--hide-scrollbars")
+        assert out.is_file(), f"no screenshot of {page}"
+        with Image.open(out) as image:
+            assert image.size == size
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+            assert colours is None or len(colours) > 50, f"the screenshot of {page} is (nearly) blank"
+        print(f"screenshot of {page}: {out}")

@@ -180,3 +180,22 @@ def test_results_must_be_json(tmp_path):
     assert _jsonable({"a": np.float32(0.5), "b": np.arange(3), "c": float("nan")}) == {"a": 0.5, "b": [0, 1, 2], "c": None}
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         _jsonable({"a": object()})
+
+
+def test_run_records_declared_inputs_and_the_git_commit(tmp_path):
+    notebook = write_notebook(
+        tmp_path / "inputs.md",
+        """
+        ```{code-cell}
+        from vrp_utils.results import publish, publish_inputs
+        publish({"x": 1})
+        publish_inputs(data={"benchmark": "aaaa"}, models={"zoo-llava": "bbbb"})
+        publish_inputs(models={"zoo-qwen2-vl": "cccc"})
+        ```
+        """,
+    )
+    out = tmp_path / "out"
+    record = run.execute(notebook, {}, output_dir=out, results_dir=out, progress=False)
+    assert record["results"] == {"x": 1}  # inputs stay out of the published results
+    assert record["inputs"] == {"data": {"benchmark": "aaaa"}, "models": {"zoo-llava": "bbbb", "zoo-qwen2-vl": "cccc"}}
+    assert len(record["git"]["commit"]) == 40 and isinstance(record["git"]["dirty"], bool)

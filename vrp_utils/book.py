@@ -60,44 +60,145 @@ def check_toc(root: Path = REPO_ROOT) -> None:
         raise BookBuildError("pages named in _toc.yml are missing: " + "; ".join(missing))
 
 
-def write_status(results_dir: Path = RESULTS_DIR, out: Path = GENERATED_DIR / "status.md") -> Path:
-    """Write the status page from ``results/*.json``: what ran, how long, where, with which settings."""
+BENCHMARK_RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+def _cell(value) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _run_records(results_dir: Path) -> list[dict]:
     records = []
     for path in sorted(results_dir.glob("*.json")):
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise BookBuildError(f"results file {path} is not valid JSON: {error}") from None
-        if "notebook" in record and "duration_s" in record:
+        if isinstance(record, dict) and "notebook" in record and "duration_s" in record:
             records.append(record)
+    return records
+
+
+def _commit(record: dict) -> str:
+    git = record.get("git") or {}
+    if not git.get("commit"):
+        return "?"
+    return f"`{git['commit'][:10]}`" + (" (uncommitted changes)" if git.get("dirty") else "")
+
+
+def _benchmark_lines(benchmarks_dir: Path) -> list[str]:
+    rows = []
+    for path in sorted(benchmarks_dir.glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        ratios = payload.get("ratios") if isinstance(payload, dict) else None
+        if not isinstance(ratios, dict):
+            continue
+        env = payload.get("environment", {})
+        where = ", ".join(f"{k} {env[k]}" for k in ("cpu", "threads", "torch") if k in env) or "?"
+        for name, value in ratios.items():
+            shown = f"{value:.3g}x" if isinstance(value, (int, float)) else value
+            rows.append(f"| `{path.name}` | {_cell(name)} | {shown} | {_cell(where)} | {_cell(payload.get('claim', ''))} |")
+    if not rows:
+        return ["No benchmark in `benchmarks/results/` records ratios."]
+    return [
+        "Speed claims are measured as ratios within one run of a script in `benchmarks/` (see its README), "
+        "so they hold across machines better than seconds do.",
+        "",
+        "| results file | ratio | value | measured with | claim |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _verify_lines(summary_path: Path, results_dir: Path) -> list[str]:
+    if not summary_path.is_file():
+        return ["`make verify` has not run on this build yet (it runs after the book is built; see `.ci/run`)."]
+    summary = json.loads(summary_path.read_text())
+    from vrp_utils.verify import results_digest  # the digests `make verify` recorded
+
+    verdict = "**passed**" if summary.get("passed") else f"**failed** ({summary.get('failed')} quantities)"
+    lines = [
+        f"The last `make verify` ({summary.get('checked_utc', '?')}, commit "
+        f"`{(summary.get('git_commit') or '?')[:10]}`) {verdict}: {summary.get('compared')} quantities compared with "
+        f"`results/reference/` under `results/reference/tolerances.yml`, {summary.get('ignored')} excluded by rule "
+        f"(run times, versions, fingerprints). Reference CPU: {summary.get('reference_cpu') or '?'}; "
+        f"this CPU: {summary.get('cpu') or '?'}.",
+        "",
+    ]
+    current = results_digest(results_dir)
+    checked = summary.get("files", {})
+    if current != checked:
+        changed = sorted(k for k in set(current) | set(checked) if current.get(k) != checked.get(k))
+        lines += [f"Results changed since that check ({', '.join(changed)}): run `make verify` again.", ""]
+    failures = summary.get("failures") or []
+    if failures:
+        lines += ["| quantity | reference | new | tolerance | problem |", "|---|---|---|---|---|"]
+        lines += [f"| `{_cell(f['quantity'])}` | {_cell(f['reference'])} | {_cell(f['new'])} | {_cell(f['tolerance'])} | "
+                  f"{_cell(f['problem'])} |" for f in failures[:30]]
+        if len(failures) > 30 or summary.get("failed", 0) > len(failures):
+            lines.append(f"\n({summary.get('failed')} in all; `make verify` prints every one.)")
+    return lines
+
+
+def write_status(results_dir: Path = RESULTS_DIR, out: Path = GENERATED_DIR / "status.md",
+                 benchmarks_dir: Path = BENCHMARK_RESULTS, verify_summary: Path | None = None) -> Path:
+    """Write the status page from ``results/*.json``: what ran, how long, from which commit and inputs,
+    with which settings and versions; the benchmarks' ratios; the last ``make verify`` result."""
+    records = _run_records(results_dir)
+    if verify_summary is None:
+        verify_summary = results_dir / "verify" / "summary.json"
     lines = [
         "# Build status",
         "",
         "Every chapter of this book is a notebook executed by `python -m vrp_utils.run` (papermill) "
         "before the book was rendered; this page is generated from the runner's records in `results/`.",
         "",
-        "| notebook | finished (UTC) | run time (s) | parameters overridden | machine | torch | transformers |",
-        "|---|---|---|---|---|---|---|",
+        "| notebook | finished (UTC) | run time (s) | parameters overridden | git commit | machine | torch | transformers |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         versions = record.get("versions", {})
         host = record.get("host", {})
         overridden = ", ".join(f"`{k}={record['parameters'][k]!r}`" for k in record.get("overridden", [])) or "none (defaults)"
         lines.append(
-            f"| {record['notebook']} | {record['finished_utc']} | {record['duration_s']} | {overridden} | "
-            f"{host.get('machine', '?')}, {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')} | "
+            f"| {record['notebook']} | {record['finished_utc']} | {record['duration_s']} | {_cell(overridden)} | "
+            f"{_commit(record)} | {host.get('machine', '?')}, {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')} | "
             f"{versions.get('torch', '?')} | {versions.get('transformers', '?')} |"
         )
     if not records:
-        lines.append("| (no notebook has run yet) | | | | | | |")
-    lines += ["", "## Parameters of each run", ""]
+        lines.append("| (no notebook has run yet) | | | | | | | |")
+    lines += ["", "## Each run: parameters, inputs, versions", ""]
     for record in records:
-        lines.append(f"**{record['notebook']}** (`{record['source']}`)")
+        lines.append(f"### {record['notebook']}")
+        lines.append("")
+        lines.append(f"Source `{record['source']}`, commit {_commit(record)}, run time {record['duration_s']} s.")
+        lines.append("")
+        lines.append("Parameters:")
         lines.append("")
         lines.append("```")
         lines += [f"{k} = {v!r}" for k, v in sorted(record["parameters"].items())]
         lines.append("```")
         lines.append("")
+        inputs = record.get("inputs") or {}
+        if any(inputs.values()):
+            lines.append("Inputs it read (fingerprints):")
+            lines.append("")
+            lines += ["| kind | input | fingerprint |", "|---|---|---|"]
+            for kind in sorted(inputs):
+                lines += [f"| {kind} | {_cell(name)} | `{_cell(fp)}` |" for name, fp in sorted(inputs[kind].items())]
+        else:
+            lines.append("Inputs it read: not declared by this notebook (`vrp_utils.results.publish_inputs`).")
+        lines.append("")
+        versions = record.get("versions") or {}
+        if versions:
+            lines.append("Package versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".")
+            lines.append("")
+    lines += ["## Benchmarks", "", *_benchmark_lines(benchmarks_dir), "", "## `make verify`", "",
+              *_verify_lines(verify_summary, results_dir), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     if not out.exists() or out.read_text() != text:

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_MIMETYPE = "application/vnd.vrp.results+json"
+INPUTS_MIMETYPE = "application/vnd.vrp.inputs+json"
+#: The kinds of input a notebook may declare with :func:`publish_inputs`.
+INPUT_KINDS = ("data", "models", "features")
 
 
 def _jsonable(value: Any) -> Any:
@@ -45,15 +48,46 @@ def publish(results: dict[str, Any]) -> None:
     display({RESULTS_MIMETYPE: payload, "text/plain": f"<{len(payload)} results published>"}, raw=True)
 
 
-def collect(notebook: Any) -> dict[str, Any]:
-    """Merge every published results payload of an executed notebook (later keys win)."""
+def publish_inputs(**kinds: dict[str, str]) -> None:
+    """Declare the fingerprints of what the notebook read, e.g. ``publish_inputs(data={"benchmark": fp},
+    models={"zoo-llava": fp}, features={"zoo-llava/adversarial": store_dir_name})``.
+
+    Optional: the runner lifts them into the ``inputs`` field of ``results/<notebook>.json`` (beside, not
+    inside, ``results``) and the status page lists them, so a reader can tell which data, model and
+    feature store a number came from.
+    """
+    from IPython.display import display
+
+    unknown = sorted(set(kinds) - set(INPUT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown input kinds {unknown}; use {', '.join(INPUT_KINDS)}")
+    payload = {kind: {str(name): str(fp) for name, fp in entries.items()} for kind, entries in kinds.items()}
+    display({INPUTS_MIMETYPE: payload, "text/plain": f"<{sum(map(len, payload.values()))} inputs declared>"}, raw=True)
+
+
+def _merge(notebook: Any, mimetype: str, depth: int) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for cell in notebook.cells:
         for output in cell.get("outputs", []):
-            data = output.get("data", {})
-            if RESULTS_MIMETYPE in data:
-                merged.update(data[RESULTS_MIMETYPE])
+            payload = output.get("data", {}).get(mimetype)
+            if payload is None:
+                continue
+            if depth == 1:
+                merged.update(payload)
+            else:
+                for key, value in payload.items():
+                    merged.setdefault(key, {}).update(value)
     return merged
+
+
+def collect(notebook: Any) -> dict[str, Any]:
+    """Merge every published results payload of an executed notebook (later keys win)."""
+    return _merge(notebook, RESULTS_MIMETYPE, 1)
+
+
+def collect_inputs(notebook: Any) -> dict[str, dict[str, str]]:
+    """Merge every :func:`publish_inputs` declaration of an executed notebook, per kind."""
+    return _merge(notebook, INPUTS_MIMETYPE, 2)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vrp_utils.paths import BOOK_DIR, NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR
-from vrp_utils.results import collect, write_json_atomic
+from vrp_utils.results import collect, collect_inputs, write_json_atomic
 
 GENERATED_DIR = BOOK_DIR / "generated"
 RUNS_DIR = REPO_ROOT / "runs"
@@ -152,6 +152,24 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """The commit the notebook ran from, and whether tracked files differed from it."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status)}
+
+
 def _run_label(parameters: dict[str, Any]) -> str:
     text = ",".join(f"{k}={parameters[k]!r}" for k in sorted(parameters))
     return hashlib.sha256(text.encode()).hexdigest()[:8]
@@ -220,10 +238,12 @@ def execute(
         "parameters": effective,
         "overridden": sorted(coerced),
         "results": collect(executed),
+        "inputs": collect_inputs(executed),
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "duration_s": round(duration, 1),
         "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "versions": _versions(),
+        "git": _git_state(),
         "executed_notebook": str(target.relative_to(REPO_ROOT)) if target.is_relative_to(REPO_ROOT) else str(target),
     }
     # Executed notebook first, results last: a results file implies its notebook is in place.
