@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from vrp_utils.atomic import atomic_write_json
 
 RESULTS_MIMETYPE = "application/vnd.vrp.results+json"
 INPUTS_MIMETYPE = "application/vnd.vrp.inputs+json"
@@ -91,14 +91,5 @@ def collect_inputs(notebook: Any) -> dict[str, dict[str, str]]:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON (indented, sorted keys) to ``path`` atomically: readers never see half a file."""
+    atomic_write_json(path, payload, indent=2, sort_keys=True)

@@ -19,7 +19,6 @@ stay near chance (50-65% accuracy). Baselines:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -32,6 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from vrp_utils.atomic import atomic_write_json
 from vrp_utils.data.benchmark import CATEGORIES, SETTINGS
 from vrp_utils.data.pope import load_benchmark, load_train, pope_metrics
 from vrp_utils.paths import BENCHMARK_DIR, RESULTS_DIR
@@ -204,7 +204,5 @@ def write_baselines(table: pd.DataFrame, path: str | Path = RESULTS_DIR / "basel
     build_key = json.loads(manifest_path.read_text())["build_key"] if manifest_path.is_file() else None
     payload = {"benchmark": str(Path(root)), "build_key": build_key,
                "rows": table.reset_index().to_dict(orient="records")}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=1)
     return path

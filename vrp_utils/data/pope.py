@@ -323,8 +323,10 @@ def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | 
 
 def load_benchmark(setting: str, root: str | Path = BENCHMARK_DIR, on_error: ErrorPolicy = "raise") -> datasets.Dataset:
     """One evaluation split (``random``, ``popular`` or ``adversarial``) of the synthetic benchmark."""
-    if setting not in ("random", "popular", "adversarial"):
-        raise ValueError(f"setting must be random, popular or adversarial, got {setting!r}")
+    from vrp_utils.data.benchmark import SETTINGS
+
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     root = Path(root)
     return load_pope(root / f"pope_{setting}.jsonl", root / "images", boxes=root / "boxes.jsonl",
                      on_error=on_error, setting=setting)

@@ -431,8 +431,9 @@ def load_split(split: str):
     """One benchmark setting, or all three concatenated (``"all"``)."""
     import datasets
 
+    from vrp_utils.data.benchmark import SETTINGS
     from vrp_utils.data.pope import load_benchmark
 
     if split == "all":
-        return datasets.concatenate_datasets([load_benchmark(s) for s in ("random", "popular", "adversarial")])
+        return datasets.concatenate_datasets([load_benchmark(s) for s in SETTINGS])
     return load_benchmark(split)

@@ -66,6 +66,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from vrp_utils.atomic import atomic_write, atomic_write_json
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -210,31 +212,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(binary_handle)`` on a temp file next to ``path``, fsync, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode()))
+    atomic_write_json(path, payload, indent=2, sort_keys=True, allow_nan=False)
 
 
 def _atomic_write_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False))
+    atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def _atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    _atomic_write(path, lambda handle: pq.write_table(table, handle))
+    atomic_write(path, lambda handle: pq.write_table(table, handle))
 
 
 def _remove_temporaries(directory: Path) -> None:
