@@ -151,13 +151,14 @@ def sample_batch(loaded, inputs, settings, keys: list[str]) -> SampledBatch:
 
     def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                streamer=None, **model_kwargs):
-        batch = input_ids.shape[0]
+        batch, vocab = input_ids.shape[0], None
         pad = generation_config._pad_token_tensor
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         raw = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         del outputs
         probs = torch.softmax(logits_processor(input_ids, raw.clone()), dim=-1).double()
+        vocab = probs.shape[-1]
 
         # The rows: (example, role, index within role); the resolve rows only where a non-deciding token has mass.
         rows: list[tuple[int, str, int]] = []
@@ -167,49 +168,63 @@ def sample_batch(loaded, inputs, settings, keys: list[str]) -> SampledBatch:
             nucleus_ids.append(ids)
             nucleus_probs.append(probs[b, ids].tolist())
             nucleus_decisions.append([decisions(t) for t in ids])
-            open_ids = [t for t, d in zip(ids, nucleus_decisions[-1]) if d is None]
-            undecided.append(open_ids)
+            undecided.append([t for t, d in zip(ids, nucleus_decisions[-1]) if d is None])
             rows += [(b, "greedy", 0)] + [(b, "sample", j) for j in range(settings.samples)]
-            if open_ids:
+            if undecided[-1]:
                 rows += [(b, "resolve", j) for j in range(settings.resolve_samples)]
-        index = torch.tensor([r[0] for r in rows])
-        steps = settings.max_new_tokens
+        n_rows, steps = len(rows), settings.max_new_tokens
         u = torch.stack([_uniforms(settings.seed, keys[b], role, j, steps) for b, role, j in rows])  # [rows, steps]
+        greedy = torch.tensor([role == "greedy" for _, role, _ in rows])
+        greedy_index = torch.nonzero(greedy).flatten()  # example b's greedy row, in example order
 
-        first_probs = probs[index].clone()
+        # Rows that share everything generated so far share one cache row (a "prefix"): the prompt's cache is
+        # never copied per sample, and a step runs the model once per distinct prefix (zoo answers: 1-3), not
+        # once per row. Each row still draws its own token from its prefix's distribution.
+        parent = torch.tensor([r[0] for r in rows])  # each row's prefix (cache row); first the examples themselves
+        first = probs[parent].clone()
         for row, (b, role, _) in enumerate(rows):
             if role == "resolve":
-                keep = torch.zeros_like(first_probs[row], dtype=torch.bool)
+                keep = torch.zeros(vocab, dtype=torch.bool)
                 keep[undecided[b]] = True
-                first_probs[row] = torch.where(keep, first_probs[row], torch.zeros_like(first_probs[row]))
-        greedy_rows = torch.tensor([role == "greedy" for _, role, _ in rows])
-        tokens = torch.where(greedy_rows, probs[index].argmax(-1), inverse_cdf(first_probs, u[:, 0]))
-
-        _select_rows(model, model_kwargs, index, batch)
-        input_ids = input_ids[index]
+                first[row] = torch.where(keep, first[row], torch.zeros_like(first[row]))
+        tokens = torch.where(greedy, first.argmax(-1), inverse_cdf(first, u[:, 0]))
+        generated = [tokens]
         greedy_logits = [raw]
-        unfinished = torch.ones(len(rows), dtype=torch.bool)
-        step = 0
-        while True:
-            if pad is not None:
-                tokens = torch.where(unfinished, tokens, pad.to(tokens.device))
-            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
-            unfinished = unfinished & ~stopping_criteria(input_ids, None)
-            step += 1
-            if not bool(unfinished.any()):
+        alive = torch.ones(n_rows, dtype=torch.bool)
+        prefix_ids, prefixes = input_ids, batch
+        for step in range(1, steps + 1):
+            live = torch.nonzero(alive).flatten()
+            unique, inverse = torch.unique(parent[live] * vocab + tokens[live], return_inverse=True)
+            source, token = unique // vocab, unique % vocab
+            candidate = torch.cat([prefix_ids[source], token[:, None]], dim=-1)
+            done = stopping_criteria(candidate, None)
+            alive[live[done[inverse]]] = False
+            if not bool(alive.any()):
                 break
-            model_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+            kept = torch.nonzero(~done).flatten()
+            renumber = torch.full((len(unique),), -1, dtype=torch.long)
+            renumber[kept] = torch.arange(len(kept))
+            parent = parent.clone()
+            parent[live] = renumber[inverse]
+            _select_rows(model, model_kwargs, source[kept], prefixes)
+            prefix_ids, prefixes = candidate[kept], len(kept)
+            model_inputs = model.prepare_inputs_for_generation(prefix_ids, next_sequence_length=1, **model_kwargs)
             outputs = model(**model_inputs, return_dict=True)
             model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
             logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
             del outputs
-            greedy_logits.append(logits[greedy_rows])
-            step_probs = torch.softmax(logits_processor(input_ids, logits.clone()), dim=-1)
-            tokens = torch.where(greedy_rows, step_probs.argmax(-1), inverse_cdf(step_probs, u[:, step]))
-
-        prompt_length = input_ids.shape[1] - step
-        generated = input_ids[:, prompt_length:]
-        result.update(rows=rows, generated=generated, greedy_rows=greedy_rows, greedy_logits=torch.stack(greedy_logits, 1),
+            step_probs = torch.softmax(logits_processor(prefix_ids, logits.clone()), dim=-1)
+            live_parent = parent.clamp(min=0)
+            greedy_step = torch.zeros(batch, vocab)
+            greedy_alive = alive[greedy_index]
+            greedy_step[greedy_alive] = logits[live_parent[greedy_index][greedy_alive]]
+            greedy_logits.append(greedy_step)
+            drawn = torch.where(greedy, step_probs[live_parent].argmax(-1), inverse_cdf(step_probs[live_parent], u[:, step]))
+            filler = pad if pad is not None else drawn.new_tensor(sorted(decisions.eos_ids)[0])
+            tokens = torch.where(alive, drawn, filler.to(drawn.dtype))
+            generated.append(tokens)
+        generated = torch.stack(generated, dim=1)
+        result.update(rows=rows, generated=generated, greedy_rows=greedy, greedy_logits=torch.stack(greedy_logits, 1),
                       nucleus_ids=nucleus_ids, nucleus_probs=nucleus_probs, nucleus_decisions=nucleus_decisions)
         return generated
 
