@@ -159,3 +159,30 @@ def consistency_frame(frame: pd.DataFrame, k: int, k_sweep: Sequence[int]) -> pd
         out[f"expected@{kk}"] = expected_s_sc(out["q"].to_numpy(), kk)
     out["pool_greedy_agrees"] = frame["pool_greedy_answer"].to_numpy() == frame["answer"].to_numpy()
     return out
+
+
+def _pool_job(model: str, settings: tuple[str, ...], limit: int | None, pool: int, temperature: float, top_p: float,
+              seed: int) -> str:
+    import torch
+
+    from vrp_utils.extract.features import open_features
+
+    torch.set_num_threads(1)  # one thread per model, as `make features`: bytes independent of the machine's cores
+    frame = open_samples(open_features(model, settings, limit, progress=False), pool, temperature, top_p, seed, progress=False)
+    return frame.attrs["store"]
+
+
+def build_pools(models: Sequence[str], settings: tuple[str, ...], limit: int | None, pool: int, temperature: float,
+                top_p: float, seed: int = 0, jobs: int = 2) -> None:
+    """Extract the missing sample pools of ``models``, ``jobs`` models side by side (spawned processes, one thread each)."""
+    if jobs <= 1 or len(models) <= 1:
+        for model in models:
+            _pool_job(model, settings, limit, pool, temperature, top_p, seed)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(models)), mp_context=multiprocessing.get_context("spawn")) as executor:
+        futures = [executor.submit(_pool_job, m, settings, limit, pool, temperature, top_p, seed) for m in models]
+        for future in futures:
+            future.result()
