@@ -172,9 +172,25 @@ def _pool_job(model: str, settings: tuple[str, ...], limit: int | None, pool: in
     return frame.attrs["store"]
 
 
+def missing_pools(features: dict, pool: int, temperature: float, top_p: float, seed: int = 0) -> list[str]:
+    """The models (of ``{name: Features}``) whose sample pool is not extracted yet (nothing is run)."""
+    from vrp_utils.extract.features import open_or_extract
+
+    missing = []
+    for name, f in features.items():
+        try:
+            open_or_extract(f.model, f.inputs, pool_settings(pool, temperature, top_p, seed), root=f.store.path.parent,
+                            extract_missing=False)
+        except FileNotFoundError:
+            missing.append(name)
+    return missing
+
+
 def build_pools(models: Sequence[str], settings: tuple[str, ...], limit: int | None, pool: int, temperature: float,
                 top_p: float, seed: int = 0, jobs: int = 2) -> None:
-    """Extract the missing sample pools of ``models``, ``jobs`` models side by side (spawned processes, one thread each)."""
+    """Extract the sample pools of ``models``, ``jobs`` models side by side (spawned processes, one thread each)."""
+    if not models:
+        return
     if jobs <= 1 or len(models) <= 1:
         for model in models:
             _pool_job(model, settings, limit, pool, temperature, top_p, seed)

@@ -127,7 +127,11 @@ def _fusion(m: ModelInputs) -> np.ndarray:
     x = np.column_stack([s.score(m) for s in cheap])
     x = np.where(np.isfinite(x), x, np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0))
     y = m.distinct["correct"].to_numpy(bool)
-    folds = grouped_folds(y, m.distinct["image_file"].to_numpy(), folds=5, seed=0)
+    groups = m.distinct["image_file"].to_numpy()
+    n_folds = min(5, len(np.unique(groups)))  # 5 image-grouped folds; fewer only when there are fewer images
+    if n_folds < 2:
+        return np.full(len(y), np.nan)
+    folds = grouped_folds(y, groups, folds=n_folds, seed=0)
     out = np.full(len(y), np.nan)
     for fold in np.unique(folds):
         train, test = folds != fold, folds == fold
