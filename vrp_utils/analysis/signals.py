@@ -192,8 +192,20 @@ def _blocks(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, starts
 
 
+_HARMONIC = np.zeros(1)
+
+
 def _harmonic(n: np.ndarray) -> np.ndarray:
-    return scipy.special.digamma(np.asarray(n, dtype=float) + 1) + np.euler_gamma
+    """Harmonic numbers H(n) = 1 + 1/2 + ... + 1/n (bootstrap weights are whole counts: a table lookup)."""
+    global _HARMONIC
+    n = np.asarray(n, dtype=float)
+    whole = np.rint(n)
+    if np.abs(n - whole).max(initial=0.0) > 1e-6:
+        return scipy.special.digamma(n + 1) + np.euler_gamma
+    top = int(whole.max()) if whole.size else 0
+    if top >= len(_HARMONIC):
+        _HARMONIC = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, 2 * top + 2))])
+    return _HARMONIC[whole.astype(np.int64)]
 
 
 def _rc_from_blocks(y: np.ndarray, order: np.ndarray, starts: np.ndarray, weights: np.ndarray, coverage: float):
@@ -264,8 +276,11 @@ def pooled(frames: dict[str, pd.DataFrame], columns: Sequence[str]) -> pd.DataFr
 
 
 def evaluate(score: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
-             coverage: float = 0.8) -> dict[str, Any]:
-    """AUROC [CI], R_pb [CI], AURC [CI], accuracy at ``coverage`` [CI] of one score; NaN scores dropped and counted."""
+             coverage: float = 0.8, risk_coverage_ci: bool = True) -> dict[str, Any]:
+    """AUROC [CI], R_pb [CI], AURC [CI], accuracy at ``coverage`` [CI] of one score; NaN scores dropped and counted.
+
+    ``risk_coverage_ci=False``: AURC and the kept accuracy without their (row-level, slower) bootstrap CIs.
+    """
     score, correct, groups = np.asarray(score, float), np.asarray(correct, bool), np.asarray(groups)
     keep = np.isfinite(score)
     score, correct, groups = score[keep], correct[keep], groups[keep]
@@ -273,10 +288,15 @@ def evaluate(score: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_boot:
                            "accuracy": float(correct.mean()) if len(correct) else math.nan}
     if len(score) < 4 or len(np.unique(groups)) < 2:
         return row
+    if risk_coverage_ci:
+        rc = risk_coverage_estimates(score, correct, groups, coverage, n_boot, seed)
+    else:
+        values = risk_coverage(score, correct, coverage)
+        rc = {key: Estimate(value, math.nan, math.nan, f"{key} (ties averaged over random orders); no CI", len(score),
+                            len(np.unique(groups))) for key, value in values.items()}
     for key, estimate in (("auroc", auroc(score, correct, groups, n_boot=n_boot, seed=seed)),
-                          ("r_pb", point_biserial(score, correct, groups, n_boot=n_boot, seed=seed)),
-                          *risk_coverage_estimates(score, correct, groups, coverage, n_boot, seed).items()):
+                          ("r_pb", point_biserial(score, correct, groups, n_boot=n_boot, seed=seed)), *rc.items()):
         row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"] = estimate.value, estimate.ci_low, estimate.ci_high
-        if not estimate.defined:
+        if not estimate.defined and "undefined" in estimate.details:
             row[f"{key}_undefined"] = estimate.details.get("undefined")
     return row
