@@ -44,6 +44,7 @@ from vrp_utils.extract.engine import (
     dataset_fingerprint,
     extract,
     run_batch,
+    store_settings,
 )
 from vrp_utils.extract.store import COMPLETE_FILE, FeatureStore, StaleStoreError
 
@@ -492,11 +493,11 @@ def test_settings_change_gives_a_new_store_with_full_manifest(tiny_loaded, tiny_
         "model_fingerprint": loaded.fingerprint,
         "model_type": "qwen2_vl",
         "dataset_fingerprint": dataset_fingerprint(dataset),
-        "settings": asdict(base),
+        "settings": store_settings(base),  # a greedy store's identity: no sampling fields
         "code_version": code_version(),
     }
     assert {key: store.manifest[key] for key in expected} == expected
-    assert json.loads((store.path / "manifest.json").read_text())["settings"] == asdict(base)
+    assert json.loads((store.path / "manifest.json").read_text())["settings"] == store_settings(base)
 
     other = extract(loaded, dataset, dataclasses.replace(base, max_new_tokens=3), root=tmp_path, progress=False)
     assert other.path != store.path and other.manifest["settings"]["max_new_tokens"] == 3
@@ -512,7 +513,7 @@ def test_settings_change_gives_a_new_store_with_full_manifest(tiny_loaded, tiny_
     assert again.path == store.path and table_file.stat().st_mtime_ns == before
     # A store opened with another identity is refused, never read silently.
     with pytest.raises(StaleStoreError, match="max_new_tokens"):
-        FeatureStore.open(store.path, expect={"settings": asdict(dataclasses.replace(base, max_new_tokens=3))})
+        FeatureStore.open(store.path, expect={"settings": store_settings(dataclasses.replace(base, max_new_tokens=3))})
 
 
 def test_cli_extracts_and_rejects_unknown_model(tiny_model_dir, tiny_data_dir, tmp_path):

@@ -90,6 +90,15 @@ class ExtractionSettings:
     attention: bool = True
     hidden: bool = True
     answer_rule: str = "pope"
+    #: Sampling (off at 0): ``samples`` sampled answers per example beside the greedy one, at ``temperature``
+    #: and ``top_p`` (the library's other sampling defaults, e.g. top-k 50, as ``generate`` applies them),
+    #: seeded by ``seed``; ``resolve_samples`` extra rows where a first token leaves the parse open
+    #: (:mod:`vrp_utils.extract.sampling`). Part of a store's identity only when sampling is on.
+    samples: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    resolve_samples: int = 8
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size"):
@@ -103,11 +112,40 @@ class ExtractionSettings:
         rules = answer_rules()
         if self.answer_rule not in rules:
             raise ValueError(f"answer_rule must be one of {', '.join(map(repr, rules))}, got {self.answer_rule!r}")
+        self._check_sampling()
+
+    @property
+    def sampling(self) -> bool:
+        return self.samples > 0
+
+    def _check_sampling(self) -> None:
+        for name in ("samples", "resolve_samples", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (samples: 0 = greedy only, K >= 1 = K samples), got {value!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not self.sampling:
+            return
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling (samples={self.samples}), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.attention or self.hidden:
+            raise ValueError("a sampling pass records answers only: set attention=False and hidden=False "
+                             "(attention and hidden states come from the greedy pass)")
+
+
+#: The settings fields that only matter when sampling (left out of a greedy store's identity).
+SAMPLING_FIELDS = ("samples", "temperature", "top_p", "seed", "resolve_samples")
 
 
 #: The code that decides what a store holds: the pass, the capture, the family adapters and the POPE
 #: answer rule (which decides ``correct``: a changed rule must never serve stale labels).
-FEATURE_CODE = ("extract/engine.py", "extract/attention.py", "extract/store.py", "models/adapters/*.py", "data/pope.py")
+FEATURE_CODE = ("extract/engine.py", "extract/attention.py", "extract/store.py", "extract/sampling.py", "models/adapters/*.py",
+                "data/pope.py")
 
 
 def code_version(root: Path = Path(__file__).resolve().parent.parent) -> str:
@@ -161,11 +199,12 @@ def _decoder_layers(model) -> Sequence[torch.nn.Module]:
 
 @torch.no_grad()
 def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSettings) -> BatchOutput:
-    """Greedy generation on one batch with attention rows and hidden states recorded (no labels needed)."""
-    from vrp_utils.data.pope import parse_answer
+    """Greedy generation on one batch with attention rows and hidden states recorded (no labels needed).
 
+    With ``settings.samples`` > 0: the greedy answer and the sampled ones, from one prefill per example
+    (:mod:`vrp_utils.extract.sampling`), answers and generation dynamics only.
+    """
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
-    tokenizer = processor.tokenizer
     inputs = adapter.build_inputs(processor, images, questions)
     input_ids = inputs["input_ids"]
     batch, prompt_length = input_ids.shape
@@ -174,6 +213,14 @@ def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSe
     for i, (positions, grid) in enumerate(zip(key_positions, grids)):
         if len(positions) != grid[0] * grid[1]:
             raise ExtractionSetupError(f"example {i}: {len(positions)} image tokens but a {grid} patch grid (adapter bug)")
+
+    if settings.sampling:
+        from vrp_utils.extract.sampling import example_key, sample_batch
+
+        sampled = sample_batch(loaded, inputs, settings, [example_key(img, q) for img, q in zip(images, questions)])
+        generated, logits = sampled.greedy_tokens, sampled.greedy_logits
+        generation = adapter.generation_kwargs(processor, settings.max_new_tokens)
+        return _records(loaded, images, settings, generated, logits, generation, grids, key_positions, None, [], sampled)
 
     hidden_steps: list[list[torch.Tensor]] = []
     hooks = []
@@ -206,6 +253,17 @@ def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSe
 
     generated = output.sequences[:, prompt_length:]
     logits = torch.stack(output.logits, dim=1).float()  # [B, steps, V]
+    return _records(loaded, images, settings, generated, logits, generation, grids, key_positions, rows, hidden_steps)
+
+
+def _records(loaded, images, settings, generated, logits, generation, grids, key_positions, rows, hidden_steps,
+             sampled=None) -> BatchOutput:
+    """Per-example records and arrays from the greedy tokens and raw logits (and the samples, if any)."""
+    from vrp_utils.data.pope import parse_answer
+
+    tokenizer = loaded.processor.tokenizer
+    adapter = loaded.adapter
+    batch = generated.shape[0]
     log_probs = torch.log_softmax(logits, dim=-1)
     yes_ids, no_ids = adapter.yes_no_token_ids(tokenizer)
     eos = generation["eos_token_id"]
@@ -247,9 +305,31 @@ def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSe
             mean = torch.stack(fed).mean(0) if fed else torch.full_like(last_prompt, float("nan"))
             example_arrays["hidden_answer_mean"] = mean.numpy().astype(np.float32)
             record["n_answer_hidden"] = len(fed)
+        if sampled is not None:
+            record.update(_sample_fields(sampled, i, tokenizer, eos_ids, settings))
         records.append(record)
         arrays.append(example_arrays)
     return BatchOutput(records, arrays)
+
+
+def _sample_fields(sampled, i: int, tokenizer, eos_ids: set[int], settings: ExtractionSettings) -> dict[str, Any]:
+    """The sampled answers of example ``i``, parsed with the settings' rule, and its first-step nucleus."""
+    from vrp_utils.data.pope import parse_answer
+    from vrp_utils.extract.sampling import answer_of
+
+    samples = [answer_of(t, tokenizer, eos_ids) for t in sampled.sample_tokens[i]]
+    resolve = [answer_of(t, tokenizer, eos_ids) for t in sampled.resolve_tokens[i]]
+    return {
+        "sample_answers": samples,
+        # a strict-rule None is kept as its own class, written "none" (a list of one type whatever the chunk)
+        "sample_parsed": [parse_answer(a, rule=settings.answer_rule, on_fail="none") or "none" for a in samples],
+        "sample_first_token": [int(t[0]) for t in sampled.sample_tokens[i]],
+        "resolve_parsed": [parse_answer(a, rule="pope") for a in resolve],
+        "resolve_first_token": [int(t[0]) for t in sampled.resolve_tokens[i]],
+        "nucleus_ids": [int(t) for t in sampled.nucleus_ids[i]],
+        "nucleus_probs": [float(p) for p in sampled.nucleus_probs[i]],
+        "nucleus_decision": [d or "open" for d in sampled.nucleus_decisions[i]],
+    }
 
 
 @dataclass(frozen=True)
@@ -268,6 +348,9 @@ class Intervention:
 def store_settings(settings: ExtractionSettings, intervention: Intervention | None = None) -> dict[str, Any]:
     """The settings part of a store's identity: the pass's settings, plus the intervention if any."""
     fields = asdict(settings)
+    if not settings.sampling:  # a greedy store's identity is what it was before sampling existed
+        for name in SAMPLING_FIELDS:
+            fields.pop(name)
     if intervention is not None:
         fields["intervention"] = intervention.identity
     return fields
