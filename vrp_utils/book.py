@@ -1,15 +1,18 @@
-"""Build the book strictly: ``python -m vrp_utils.book {status,check,build}``.
+"""Build the book strictly: ``python -m vrp_utils.book {status,pages,check,build}``.
 
 Why: a book that "builds" while notebooks failed, or with a page silently missing, is the classic
 failure of executable papers. Here the build refuses a missing toc page, runs Sphinx with
 warnings as errors, and checks that ``index.html`` exists (jupyter-book can exit 0 having built
-nothing). The status page says what ran, with which parameters, how long it took and where.
+nothing). The status page says what ran, with which parameters, how long it took and where; ``pages``
+writes the pages generated from the results (:mod:`vrp_utils.pages`: paper vs this reproduction, the
+introduction's findings, the re-run costs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +61,20 @@ def check_toc(root: Path = REPO_ROOT) -> None:
             missing.append(f"{name}{hint}")
     if missing:
         raise BookBuildError("pages named in _toc.yml are missing: " + "; ".join(missing))
+    absent = []
+    for name in toc_files(root / "_toc.yml"):
+        page = (root / name).with_suffix(".md")
+        if page.is_file():
+            for target in INCLUDE.findall(page.read_text()):
+                if not (page.parent / target.strip()).is_file():
+                    absent.append(f"{target.strip()} (included by {name}.md)")
+    if absent:
+        raise BookBuildError("included fragments are missing: " + "; ".join(absent)
+                             + " (generated from results: run `python -m vrp_utils.book pages` or `make book`)")
+
+
+#: A MyST include directive's target (the pages that read generated fragments).
+INCLUDE = re.compile(r"^```\{include\}\s+(\S+)", re.MULTILINE)
 
 
 BENCHMARK_RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -223,11 +240,19 @@ def build(root: Path = REPO_ROOT) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vrp_utils.book", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["status", "check", "build"])
+    parser.add_argument("command", choices=["status", "pages", "check", "build"])
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
             print(write_status())
+        elif args.command == "pages":
+            from vrp_utils.pages import ClaimsError, write_pages
+
+            try:
+                for path in write_pages():
+                    print(path)
+            except ClaimsError as error:
+                raise BookBuildError(str(error)) from None
         elif args.command == "check":
             check_toc()
         else:
