@@ -41,7 +41,7 @@ def test_every_toc_page_of_this_book_has_a_source_or_is_generated():
             assert (REPO_ROOT / f"{name}.md").is_file(), name
         else:
             stem = Path(name).name
-            assert stem == "status" or (REPO_ROOT / "notebooks" / f"{stem}.md").is_file(), name
+            assert stem in book.WRITTEN_PAGES or (REPO_ROOT / "notebooks" / f"{stem}.md").is_file(), name
 
 
 def test_status_page_lists_runs(tmp_path):
@@ -123,7 +123,7 @@ def _toc_pages() -> list[str]:
 
 def _analysis_chapter() -> str:
     """The chapter to screenshot: the first executed analysis chapter in the toc (00 only if it is alone)."""
-    chapters = [n for n in book.toc_files() if n.startswith("book/generated/") and Path(n).name != "status"]
+    chapters = [n for n in book.toc_files() if n.startswith("book/generated/") and Path(n).name not in book.WRITTEN_PAGES]
     later = [n for n in chapters if not Path(n).name.startswith("00_")]
     return f"{(later or chapters)[0]}.html"
 
@@ -222,7 +222,7 @@ def test_built_book_renders_offline_with_maths(page, tmp_path):
     if page == "book/intro.html":
         assert "mjx-container" in dom, "the introduction's maths is not typeset"
 
-    if page.startswith("book/generated/") and Path(page).stem != "status":
+    if page.startswith("book/generated/") and Path(page).stem not in book.WRITTEN_PAGES:
         figures = [img for img in parsed.images if "/_images/" in f"/{img['src']}" or img["src"].startswith("data:image")]
         assert figures, f"{page}: an executed chapter without a figure"
         for img in figures:
