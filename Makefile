@@ -99,8 +99,15 @@ book/generated/%.ipynb: notebooks/%.md $(PKG_SRC) $(BENCHMARK) $(ZOO) $(FEATURES
 book/generated/status.md: $(EXECUTED) vrp_utils/book.py $(wildcard benchmarks/results/*.json results/verify/summary.json)
 	$(PY) -m vrp_utils.book status
 
+# Pages generated from the results (vrp_utils/pages.py): paper vs this reproduction, and the fragments the
+# introduction (its findings) and the re-run page (its measured costs) include. One command writes all three.
+RESULT_PAGES := book/generated/paper_vs_reproduction.md
+$(RESULT_PAGES): $(EXECUTED) vrp_utils/pages.py vrp_utils/book.py book/claims.yml
+	$(PY) -m vrp_utils.book pages
+	@touch $@
+
 book: $(INDEX)
-$(INDEX): $(EXECUTED) book/generated/status.md $(BOOK_PAGES) $(MATHJAX) $(BASELINES) $(STAMP)/venv
+$(INDEX): $(EXECUTED) book/generated/status.md $(RESULT_PAGES) $(BOOK_PAGES) $(MATHJAX) $(BASELINES) $(STAMP)/venv
 	$(PY) -m vrp_utils.book build
 	@touch $@
 
