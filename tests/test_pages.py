@@ -182,3 +182,16 @@ def test_the_books_claims_load_and_cover_the_four_findings():
     assert {c.get("finding") for c in claims["claims"]} >= {1, 2, 3, 4}
     rows = pages.evaluate(claims, {})
     assert all(r.verdict in (NOT_BUILT, pages.NO_VERDICT) for r in rows)
+
+
+def test_a_missing_included_fragment_is_named(tmp_path):
+    from vrp_utils import book
+
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "intro.md").write_text("# Intro\n\n```{include} generated/findings.md\n```\n")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/intro\n")
+    with pytest.raises(book.BookBuildError, match=r"generated/findings.md \(included by book/intro.md\).*vrp_utils.book pages"):
+        book.check_toc(tmp_path)
+    (tmp_path / "book" / "generated").mkdir()
+    (tmp_path / "book" / "generated" / "findings.md").write_text("1. x\n")
+    book.check_toc(tmp_path)
