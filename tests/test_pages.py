@@ -68,6 +68,7 @@ def test_row_verdict_over_models_and_not_built():
     assert pages.row_verdict(claim, cells(HOLDS, HOLDS, DIFFERS), True) == HOLDS
     assert pages.row_verdict(claim, cells(HOLDS, DIFFERS, DIFFERS), True) == DIFFERS
     assert pages.row_verdict(claim, cells(HOLDS, INCONCLUSIVE, DIFFERS), True) == INCONCLUSIVE
+    assert pages.row_verdict(claim, cells(HOLDS), True) == INCONCLUSIVE  # a run with one model cannot show two
     every = {**AT_LEAST, "verdict_on": "models"}
     assert pages.row_verdict(every, cells(HOLDS, HOLDS, DIFFERS), True) == DIFFERS
     assert pages.row_verdict(every, cells(HOLDS, HOLDS, HOLDS), True) == HOLDS

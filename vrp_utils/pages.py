@@ -108,7 +108,7 @@ def row_verdict(claim: dict, cells: dict[str, "Cell"], built: bool) -> str:
     holds, differs = verdicts.count(HOLDS), verdicts.count(DIFFERS)
     if holds >= need:
         return HOLDS
-    if differs > len(verdicts) - need:
+    if differs and differs > len(verdicts) - need:  # (fewer models than need, none differing: inconclusive)
         return DIFFERS
     return INCONCLUSIVE
 
