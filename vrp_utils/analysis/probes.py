@@ -72,7 +72,7 @@ L1_GRID = (0.03, 0.1, 0.3)
 #: L2 strength alpha of the MLP probe (strongest first).
 MLP_GRID = (1.0, 0.01)
 MLP_HIDDEN = 32
-MLP_EPOCHS = 20
+MLP_EPOCHS = 15
 MLP_BATCH = 128
 INNER_FOLDS = 2
 CONTROLS = ("answer", "object", "answer_x_object", "abs_margin", "mean_logprob")
@@ -616,22 +616,42 @@ def ablation_plan(weights: np.ndarray, ks: Sequence[int], draws: int, seed: int 
     return plans
 
 
-def ablation_sweep(features, layer: int, ks: Sequence[int], draws: int = 1, *, position: str = "last_prompt", seed: int = 0,
-                   half: bool = True, n_boot: int = 1000, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """One greedy pass per planned ablation over the distinct inputs; accuracy change with CI and McNemar p."""
-    from vrp_utils.extract.engine import ExtractionSettings
+def _ablation_pass(model_dir: str, dataset, settings, root, layer: int, plan: dict, seed: int, progress: bool):
+    """One ablated greedy pass (one torch thread: a worker process of its own when run side by side); its store path."""
+    import torch
+
     from vrp_utils.extract.features import open_or_extract
+
+    torch.set_num_threads(1)
+    intervention = ablation_intervention(layer, plan["dims"], plan["condition"], plan["k"], plan["draw"], seed)
+    return open_or_extract(model_dir, dataset, settings, root=root, progress=progress, intervention=intervention).path
+
+
+def ablation_sweep(features, layer: int, ks: Sequence[int], draws: int = 1, *, position: str = "last_prompt", seed: int = 0,
+                   half: bool = True, n_boot: int = 1000, progress: bool = True, jobs: int = 1) -> tuple[pd.DataFrame, dict]:
+    """One greedy pass per planned ablation over the distinct inputs; accuracy change with CI and McNemar p.
+
+    ``jobs`` passes run side by side (each in its own process, one torch thread; the stores are the same).
+    """
+    from vrp_utils.extract.engine import ExtractionSettings
+    from vrp_utils.extract.store import FeatureStore
 
     weights, strength = probe_weights(features, layer, position, seed)
     distinct = features.distinct
     before = distinct.set_index("distinct_id")
     # batch 64: same answers as the batch-16 pass (0 of 1,725 differ, zoo-llava), 2.4x less CPU
     settings = ExtractionSettings(attention=False, hidden=False, batch_size=64)
+    plans = ablation_plan(weights, ks, draws, seed, half)
+    args = [(str(features.model_dir), features.inputs, settings, features.store.path.parent, layer, plan, seed, progress) for plan in plans]
+    if jobs > 1 and len(plans) > 1:
+        from joblib import Parallel, delayed
+
+        paths = Parallel(n_jobs=min(jobs, len(plans)))(delayed(_ablation_pass)(*a) for a in args)
+    else:
+        paths = [_ablation_pass(*a) for a in args]
     rows = []
-    for plan in ablation_plan(weights, ks, draws, seed, half):
-        intervention = ablation_intervention(layer, plan["dims"], plan["condition"], plan["k"], plan["draw"], seed)
-        store = open_or_extract(str(features.model_dir), features.inputs, settings, root=features.store.path.parent,
-                                progress=progress, intervention=intervention)
+    for plan, path in zip(plans, paths):
+        store = FeatureStore.open(path)
         after = store.table().set_index("question_id")
         ids = before.index.intersection(after.index)
         change = paired_accuracy_change(before.loc[ids, "correct"].to_numpy(bool), after.loc[ids, "correct"].to_numpy(bool),
@@ -652,7 +672,7 @@ def untrained_store(features, seed: int = 0, progress: bool = True):
     from vrp_utils.extract.untrained import untrained_twin
 
     twin = untrained_twin(str(features.model_dir), seed)
-    return open_or_extract(str(twin), features.inputs, ExtractionSettings(max_new_tokens=1, attention=False),
+    return open_or_extract(str(twin), features.inputs, ExtractionSettings(max_new_tokens=1, attention=False, batch_size=64),
                            root=features.store.path.parent, progress=progress)
 
 
