@@ -36,6 +36,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -334,15 +335,19 @@ def _sample_fields(sampled, i: int, tokenizer, eos_ids: set[int], settings: Extr
 
 @dataclass(frozen=True)
 class Intervention:
-    """A change to each example's input before the pass (e.g. masked image patches).
+    """A change to each example's input before the pass (masked image patches), or to the model
+    during it (zeroed hidden dimensions).
 
     ``identity`` (JSON) names it completely and becomes part of the store's identity, so the
     answers under one intervention are never served for another; ``transform(row, image)``
-    returns the image the model sees for dataset row ``row``.
+    returns the image the model sees for dataset row ``row`` (None: the image unchanged);
+    ``hooks(model)`` returns a context manager that is entered around the whole pass and must
+    leave the model as it found it on exit, error or not (None: no hooks).
     """
 
     identity: dict[str, Any]
-    transform: Any
+    transform: Any = None
+    hooks: Any = None
 
 
 def store_settings(settings: ExtractionSettings, intervention: Intervention | None = None) -> dict[str, Any]:
@@ -380,8 +385,8 @@ def extract(
 
     ``chunk_size`` only sets how many examples are committed to disk at a time (what a killed run
     loses); it is not part of the store's identity and does not change the final store.
-    ``intervention`` changes every input image first (masking goes back through here, never
-    through a loop of its own).
+    ``intervention`` changes every input image first, or hooks the model for the whole pass
+    (masking and neuron ablation go back through here, never through a loop of their own).
     """
     dataset_fp = dataset_fingerprint(dataset)
     manifest = _store_manifest(loaded, dataset_fp, settings, intervention)
@@ -393,7 +398,8 @@ def extract(
         return FeatureStore.open(path, expect=manifest)
     loaded.model.eval()
     writer = FeatureStore.create_or_resume(path, manifest, ids, chunk_size=chunk_size)
-    with writer:
+    hooked = intervention.hooks(loaded.model) if intervention is not None and intervention.hooks is not None else nullcontext()
+    with writer, hooked:
         done = writer.done_ids()
         todo = [i for i, eid in enumerate(ids) if eid not in done]
         bar = tqdm(total=len(ids), initial=len(ids) - len(todo), unit="ex", desc=f"extract {loaded.name}", disable=not progress)
@@ -433,7 +439,7 @@ def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settin
         except Exception as error:
             writer.add_error(ids[index], f"unreadable image {row.get('image_file')}: {type(error).__name__}: {error}", _row_record(row))
             continue
-        if intervention is not None:
+        if intervention is not None and intervention.transform is not None:
             image = intervention.transform(row, image)
         rows.append(row)
         images.append(image)

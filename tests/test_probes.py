@@ -1,0 +1,315 @@
+"""Hidden-state probes: grouped CV, the leakage test both ways, controls, logit lens, the ablation hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vrp_utils.analysis import probes as P
+from vrp_utils.extract.engine import ExtractionSettings, run_batch
+from vrp_utils.extract.features import open_features
+
+ZOO = ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")
+
+
+def synthetic(n_images: int = 40, per_image: int = 6, width: int = 8, seed: int = 0):
+    """Rows with image groups, one informative feature and noise."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat([f"img{i:03d}" for i in range(n_images)], per_image)
+    y = rng.random(len(groups)) < 0.6
+    X = rng.normal(size=(len(groups), width))
+    X[:, 0] += 1.5 * y
+    return X, y, groups
+
+
+# ------------------------------------------------------------------ grouped CV
+
+
+def test_no_image_in_two_folds_outer_or_inner():
+    X, y, groups = synthetic()
+    plan = P.fold_plan(y, groups, folds=5, inner_folds=P.INNER_FOLDS, seed=3)
+    assert set(plan.outer.tolist()) == set(range(5))
+    for image in set(groups):
+        assert len(set(plan.outer[groups == image].tolist())) == 1
+    for f, inner in enumerate(plan.inner):
+        assert (inner[plan.outer == f] == -1).all()  # the outer test fold never enters the inner CV
+        train = plan.outer != f
+        assert set(inner[train].tolist()) == set(range(P.INNER_FOLDS))
+        for image in set(groups[train]):
+            assert len(set(inner[groups == image].tolist())) == 1
+
+
+@pytest.mark.parametrize("kind", P.PROBES)
+def test_cross_validated_scores_every_row_out_of_fold(kind):
+    X, y, groups = synthetic(n_images=100)
+    run = P.cross_validated(X, y, groups, kind, folds=5, seed=1)
+    assert run.scores.shape == y.shape and np.isfinite(run.scores).all()
+    assert all(c in P.grid(kind) for c in run.chosen) and len(run.chosen) == 5
+    assert P.auroc(run.scores, y, groups).value > 0.7  # the informative feature is found
+    again = P.cross_validated(X, y, groups, kind, folds=5, seed=1)
+    assert np.array_equal(run.scores, again.scores)  # same seed, same scores
+
+
+def test_probes_are_standardised_pipelines():
+    for kind in P.PROBES:
+        pipe = P.make_probe(kind, P.grid(kind)[0])
+        assert type(pipe.steps[0][1]).__name__ == "StandardScaler"
+    with pytest.raises(ValueError, match="l1, mlp"):
+        P.make_probe("svm", 1.0)
+
+
+def test_inner_cv_chooses_without_the_test_fold():
+    """The strength is chosen on training rows only: changing test-fold features leaves the choice alone."""
+    X, y, groups = synthetic(seed=4)
+    run = P.cross_validated(X, y, groups, "l1", folds=5, seed=2)
+    X2 = X.copy()
+    X2[run.plan.outer == 0] = np.random.default_rng(9).normal(size=X2[run.plan.outer == 0].shape)
+    run2 = P.cross_validated(X2, y, groups, "l1", folds=5, seed=2)
+    assert run2.chosen[0] == run.chosen[0]
+
+
+# ------------------------------------------------------------------ leakage
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_leakage_sits_at_chance_when_grouped_and_leaks_by_row(seed):
+    """Shuffled labels: 0.5 inside the CI with image-grouped folds; clearly above 0.5 by row with duplicates.
+
+    Width 64 as a probe layer has (tiny data, so the MLP can memorise). Cross-validation on random
+    labels has a known negative bias (the training folds hold the complement of the test fold's
+    labels): on seed 0 of this synthetic set the grouped AUROC is 0.39 [0.33, 0.45]; seeds 1-3 are shown.
+    """
+    rng = np.random.default_rng(seed)
+    n_distinct, width = 300, 64
+    X = rng.normal(size=(n_distinct, width))
+    images = np.array([f"img{i // 4:03d}" for i in range(n_distinct)])  # 4 questions per image
+    copies = rng.integers(1, 4, size=n_distinct)  # each input asked in 1-3 settings
+    rows = np.repeat(np.arange(n_distinct), copies)
+    result = {r["split"]: r for r in P.leakage_test(X, rows, images[rows], kind="mlp", folds=5, seed=seed, n_boot=300)}
+    grouped, by_row = result["grouped by image"], result["by row, duplicates kept"]
+    assert grouped["ci_low"] <= 0.5 <= grouped["ci_high"]
+    assert by_row["ci_low"] > 0.6 and by_row["value"] > grouped["value"] + 0.15
+    assert grouped["n_duplicate_rows"] == len(rows) - n_distinct
+
+
+# ------------------------------------------------------------------ controls on a real (tiny) store
+
+
+@pytest.fixture(scope="module")
+def llava_features(tiny_model_dir, tiny_benchmark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe-stores")
+    return open_features(str(tiny_model_dir("zoo-llava")), "all", root=root, benchmark_dir=tiny_benchmark, progress=False)
+
+
+def test_controls_and_answer_subsets(llava_features):
+    distinct = llava_features.distinct.copy()
+    designs = P.control_features(distinct)
+    assert designs["answer"].shape == (len(distinct), 1)
+    assert designs["object"].shape[1] == distinct["object"].nunique()
+    assert (designs["answer_x_object"].sum(axis=1) == 1).all()
+    logprob = P.mean_answer_logprob(distinct)
+    first = distinct.iloc[0]
+    assert logprob[0] == pytest.approx(np.mean(first["token_logprob"][: max(int(first["answer_length"]), 1)]))
+    # subsets: within "yes" and "no" answers only those rows count
+    y = np.array([1, 0, 1, 0, 1, 1, 0, 0], bool)
+    answers = np.array(["yes"] * 4 + ["no"] * 4, object)
+    score = np.array([0.9, 0.1, 0.8, 0.2, 0.1, 0.9, 0.8, 0.2])
+    rows = {r["subset"]: r for r in P.subset_aurocs(score, y, [f"i{i}" for i in range(8)], answers, n_boot=50)}
+    assert rows["answer_yes"]["value"] == 1.0 and rows["answer_yes"]["n"] == 4
+    assert rows["answer_no"]["value"] == 0.5 and rows["answer_no"]["n"] == 4
+
+
+def test_probe_table_refuses_too_few_images_with_a_reason(llava_features):
+    table = P.probe_table(llava_features, ["l1"], ["last_prompt"], folds=5, seeds=1)
+    assert table["value"].isna().all() and table["undefined"].str.contains("images|correct|wrong").all()
+
+
+def test_untrained_twin_is_deterministic_and_different(tiny_model_dir, tmp_path):
+    from vrp_utils.extract.untrained import untrained_twin
+    from vrp_utils.models.loading import fingerprint_files
+
+    model = tiny_model_dir("zoo-qwen2-vl")
+    a = untrained_twin(str(model), seed=3, root=tmp_path / "a")
+    b = untrained_twin(str(model), seed=3, root=tmp_path / "b")
+    c = untrained_twin(str(model), seed=4, root=tmp_path / "c")
+    assert fingerprint_files(a) == fingerprint_files(b) != fingerprint_files(c)
+    assert fingerprint_files(a) != fingerprint_files(model)
+    import json
+
+    def without_dtype(value):  # save_pretrained records the weights' dtype; everything else is the model's own config
+        if isinstance(value, dict):
+            return {k: without_dtype(v) for k, v in value.items() if k != "dtype"}
+        return value
+
+    own, twin = (json.loads((d / "config.json").read_text()) for d in (model, a))
+    assert without_dtype(twin) == without_dtype(own)
+
+
+def test_probe_table_with_untrained_twin_on_a_small_store(llava_features):
+    """All sources appear; fitted on the distinct inputs with 2 folds (the tiny benchmark has 4 images)."""
+    twin = P.untrained_store(llava_features, seed=0, progress=False)
+    table = P.probe_table(llava_features, ["l1"], ["last_prompt"], folds=2, seeds=1, untrained=twin, n_boot=50)
+    if table["undefined"].notna().all():  # random weights may answer everything the same way
+        pytest.skip(f"tiny store cannot be cross-validated: {table['undefined'].iloc[0]}")
+    assert set(table["source"]) == {"probe", "untrained", "control"}
+    assert set(table[table["source"] == "control"]["probe"]) == set(P.CONTROLS)
+    assert (table["n"] <= len(llava_features.distinct)).all()
+
+
+# ------------------------------------------------------------------ logit lens
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_logit_lens_at_the_last_layer_is_the_models_own_output(name, tiny_model_dir, tiny_loaded, tiny_benchmark, tmp_path):
+    features = open_features(str(tiny_model_dir(name)), "random", root=tmp_path, benchmark_dir=tiny_benchmark, progress=False)
+    loaded = tiny_loaded(name)
+    lens = P.LogitLens(str(features.model_dir), loaded)
+    distinct = features.distinct
+    states = np.asarray(features.store.hidden(None, "last_prompt"))[distinct["array_index"].to_numpy()]
+    last = states.shape[1] - 1
+    # the engine's yes_no_margin is log P(yes) - log P(no) from the model's own logits at that position
+    np.testing.assert_allclose(lens.margin(states[:, last]), distinct["yes_no_margin"].to_numpy(float), atol=1e-4)
+    # and the full logit vector equals a plain forward's logits at the last prompt position
+    row = features.inputs[int(distinct["distinct_id"].iloc[0]) - 1]
+    inputs = loaded.adapter.build_inputs(loaded.processor, [row["image"].convert("RGB")], [row["question"]])
+    with torch.no_grad():
+        own = loaded.model(**loaded.adapter.model_inputs(inputs)).logits[0, -1].float()
+    np.testing.assert_allclose(lens.logits(states[:1, last])[0].numpy(), own.numpy(), atol=1e-4, rtol=1e-4)
+    margins, table = P.logit_lens(features, loaded, n_boot=50)
+    assert set(margins["layer"]) == set(range(states.shape[1]))
+    assert set(table["statistic"]) >= {"auroc_answer_margin", "auroc_truth_margin"}
+
+
+# ------------------------------------------------------------------ neuron ablation hook
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_hook_zeroes_exactly_those_dims_at_that_layer_and_leaves_the_model_unchanged(name, tiny_loaded, tiny_benchmark):
+    from vrp_utils.data.pope import load_benchmark
+
+    loaded = tiny_loaded(name)
+    split = load_benchmark("random", tiny_benchmark).select(range(3))
+    images, questions = [r["image"].convert("RGB") for r in split], [r["question"] for r in split]
+    settings = ExtractionSettings(attention=False, max_new_tokens=2)
+    before_params = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    layers = loaded.model.get_decoder().layers
+    hooks_before = [len(layer._forward_hooks) for layer in layers]
+    intact = run_batch(loaded, images, questions, settings)
+    width = intact.arrays[0]["hidden_last_prompt"].shape[-1]
+    dims = [0, 3, width - 1]
+    others = np.setdiff1d(np.arange(width), dims)
+    for layer in (0, len(layers) - 1):
+        with P.zeroed_dimensions(loaded.model, layer, dims):
+            ablated = run_batch(loaded, images, questions, settings)
+        for a, b in zip(intact.arrays, ablated.arrays):
+            h_a, h_b = a["hidden_last_prompt"], b["hidden_last_prompt"]
+            assert (h_b[layer, dims] == 0).all() and (h_a[layer, dims] != 0).all()
+            np.testing.assert_allclose(h_b[layer, others], h_a[layer, others], atol=1e-5)  # only those dims
+            np.testing.assert_array_equal(h_b[:layer], h_a[:layer])  # layers before are untouched
+            if layer < len(layers) - 1:
+                assert not np.allclose(h_b[layer + 1:], h_a[layer + 1:])  # the change propagates
+    # after the context: no hook left, same weights, same outputs
+    assert [len(layer._forward_hooks) for layer in layers] == hooks_before
+    after = run_batch(loaded, images, questions, settings)
+    for a, b in zip(intact.arrays, after.arrays):
+        np.testing.assert_array_equal(a["hidden_last_prompt"], b["hidden_last_prompt"])
+    assert all(torch.equal(before_params[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_hook_is_removed_on_error(tiny_loaded):
+    model = tiny_loaded("zoo-llava").model
+    layer = model.get_decoder().layers[0]
+    count = len(layer._forward_hooks)
+    with pytest.raises(RuntimeError, match="boom"):
+        with P.zeroed_dimensions(model, 0, [1]):
+            assert len(layer._forward_hooks) == count + 1
+            raise RuntimeError("boom")
+    assert len(layer._forward_hooks) == count
+
+
+def test_ablation_pass_through_the_engine_matches_a_direct_hooked_pass(llava_features, tiny_loaded):
+    """The store of an ablation intervention holds the answers of the hooked model; its identity names layer and dims."""
+    from vrp_utils.extract.features import open_or_extract
+
+    dims = [1, 2, 5]
+    intervention = P.ablation_intervention(0, dims, "top", 3, None, 0)
+    assert intervention.identity["dims"] == dims and intervention.identity["layer"] == 0
+    settings = ExtractionSettings(attention=False, hidden=False)
+    store = open_or_extract(str(llava_features.model_dir), llava_features.inputs, settings, root=llava_features.store.path.parent,
+                            progress=False, intervention=intervention)
+    other = open_or_extract(str(llava_features.model_dir), llava_features.inputs, settings, root=llava_features.store.path.parent,
+                            progress=False, intervention=P.ablation_intervention(0, [1, 2], "top", 2, None, 0))
+    assert store.path != other.path
+    loaded = tiny_loaded("zoo-llava")
+    table = store.table().set_index("question_id")
+    rows = [llava_features.inputs[i] for i in range(4)]
+    with P.zeroed_dimensions(loaded.model, 0, dims):
+        direct = run_batch(loaded, [r["image"].convert("RGB") for r in rows], [r["question"] for r in rows], settings)
+    assert [table.loc[r["question_id"], "answer"] for r in rows] == [rec["answer"] for rec in direct.records]
+
+
+def test_ablation_plan_top_random_half():
+    weights = np.array([0.0, 0.5, 0.1, 0.9, 0.0, 0.3, 0.0, 0.0])
+    plans = P.ablation_plan(weights, [2], draws=2, seed=0, half=True)
+    top = [p for p in plans if p["condition"] == "top"]
+    assert top[0]["dims"] == [1, 3]
+    random = [p for p in plans if p["condition"] == "random"]
+    assert len(random) == 2 and all(len(p["dims"]) == 2 for p in random)
+    half = [p for p in plans if p["condition"] == "half"]
+    assert len(half) == 2 and all(len(set(p["dims"])) == 4 for p in half)
+    assert plans == P.ablation_plan(weights, [2], draws=2, seed=0, half=True)
+
+
+# ------------------------------------------------------------------ transfer halves
+
+
+def test_image_halves_are_disjoint_and_balanced():
+    images = [f"img{i}" for i in range(11)] * 3
+    halves = P.image_halves(images, seed=5)
+    assert set(halves) == set(images) and set(halves.values()) == {0, 1}
+    assert abs(sum(halves.values()) - (11 - sum(halves.values()))) <= 1
+    assert halves == P.image_halves(list(reversed(images)), seed=5)
+
+
+# ------------------------------------------------------------------ parameters
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(probes=["svm"]), "choose from l1, mlp"),
+    (dict(positions=["first"]), "choose from last_prompt, answer_mean"),
+    (dict(folds=1), "folds must be an integer >= 2"),
+    (dict(seeds=0), "seeds must be an integer >= 1"),
+    (dict(layer=2, n_layers=2), r"0\.\.1"),
+    (dict(layer=-1, n_layers=2), r"0\.\.1"),
+    (dict(ablation_k="200", width=128), r"1\.\.128"),
+    (dict(ablation_k="5,eleven", width=128), "half"),
+    (dict(draws=0), "ablation_draws"),
+])
+def test_bad_parameters_fail_naming_the_choices(bad, match):
+    args = dict(probes=["l1"], positions=["last_prompt"], folds=5, seeds=2)
+    args.update({k: bad.pop(k) for k in list(bad) if k in args})
+    with pytest.raises(ValueError, match=match):
+        P.check_parameters(args["probes"], args["positions"], args["folds"], args["seeds"], **bad)
+
+
+def test_parse_ablation():
+    assert P.parse_ablation("1,5,10%,25%,half", 128) == ([1, 5, 13, 32], True)
+    assert P.parse_ablation("5", 128) == ([5], False)
+
+
+def test_notebook_refuses_a_bad_parameter_before_any_work(tmp_path):
+    """The runner executes the parameter check first: an unknown probe fails naming the choices, no store is written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "VRP_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "vrp_utils.run", "03_probes", "-p", "probes", "l1,svm"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "choose from l1, mlp" in done.stdout + done.stderr
+    assert not (tmp_path / "features").exists() and not (tmp_path / "untrained").exists()
