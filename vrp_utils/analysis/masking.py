@@ -104,6 +104,8 @@ class MaskPlan:
     fill: str | int
     seed: int
     tokens: dict[int, np.ndarray]
+    #: (rows, cols) of each input's token grid, by distinct id
+    grids: dict[int, tuple[int, int]]
 
     def identity(self, source: str) -> dict:
         return {"kind": "patch_mask", "condition": self.condition, "fraction": None if self.condition == "box" else self.fraction,
@@ -117,6 +119,7 @@ def plan(features, condition: str, fraction: float, layer: int | None = None, fi
     distinct = features.distinct
     maps = selection_map(features, layer) if maps is None else maps
     tokens: dict[int, np.ndarray] = {}
+    grids: dict[int, tuple[int, int]] = {}
     for i, row in enumerate(distinct.itertuples(index=False)):
         s = int(row.grid_rows) * int(row.grid_cols)
         inside = None
@@ -127,31 +130,54 @@ def plan(features, condition: str, fraction: float, layer: int | None = None, fi
                                        object_boxes(row.boxes, row.object))
         rng = np.random.default_rng([seed, int(row.distinct_id)])
         tokens[int(row.distinct_id)] = select_tokens(maps[i, :s], condition, fraction, rng, inside)
-    return MaskPlan(condition, float(fraction), layer, fill, seed, tokens)
+        grids[int(row.distinct_id)] = (int(row.grid_rows), int(row.grid_cols))
+    return MaskPlan(condition, float(fraction), layer, fill, seed, tokens, grids)
+
+
+#: Same answers as batch 16 (the engine's batch-size test), several times less CPU per masked pass.
+MASKED_BATCH_SIZE = 64
+
+
+def _masked_pass_job(model_dir: str, dataset, root, mask_plan: MaskPlan, source: str, progress: bool):
+    """One masked greedy pass (a worker process of its own when run side by side: one torch thread); its store path."""
+    import torch
+    from transformers import AutoConfig
+
+    from vrp_utils.extract.engine import ExtractionSettings, Intervention
+    from vrp_utils.extract.features import open_or_extract
+    from vrp_utils.models.adapters import adapter_for
+
+    torch.set_num_threads(1)
+    adapter = adapter_for(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+
+    def transform(row: dict, image: Image.Image) -> Image.Image:
+        key = int(row["question_id"])
+        mask = pixel_mask(adapter, image.size, mask_plan.grids[key], mask_plan.tokens[key])
+        return mask_image(image, mask, mask_plan.fill)
+
+    settings = ExtractionSettings(attention=False, hidden=False, batch_size=MASKED_BATCH_SIZE)
+    store = open_or_extract(model_dir, dataset, settings, root=root, progress=progress,
+                            intervention=Intervention(mask_plan.identity(source), transform))
+    return store.path
+
+
+def _pass_arguments(features, mask_plan: MaskPlan, progress: bool) -> tuple:
+    wanted = sorted(mask_plan.tokens)
+    return (str(features.model_dir), features.inputs.select([i - 1 for i in wanted]), features.store.path.parent,
+            mask_plan, features.store.path.name, progress)
+
+
+def _masked_table(path) -> pd.DataFrame:
+    from vrp_utils.extract.store import FeatureStore
+
+    table = FeatureStore.open(path).table(include_errors=True)
+    return table[["question_id", "error", "parsed", "correct", "answer"]].rename(
+        columns={"question_id": "distinct_id", "parsed": "parsed_masked", "correct": "correct_masked", "answer": "answer_masked"})
 
 
 def masked_pass(features, mask_plan: MaskPlan, progress: bool = True) -> pd.DataFrame:
     """Answer every planned input with its patches masked; one row per distinct input (cached store)."""
-    from vrp_utils.extract.engine import ExtractionSettings, Intervention
-    from vrp_utils.extract.features import open_or_extract
-
-    distinct = features.distinct.set_index("distinct_id")
-    adapter = features.adapter
-
-    def transform(row: dict, image: Image.Image) -> Image.Image:
-        record = distinct.loc[int(row["question_id"])]
-        grid = (int(record.grid_rows), int(record.grid_cols))
-        mask = pixel_mask(adapter, image.size, grid, mask_plan.tokens[int(row["question_id"])])
-        return mask_image(image, mask, mask_plan.fill)
-
-    wanted = sorted(mask_plan.tokens)
-    dataset = features.inputs.select([i - 1 for i in wanted])
-    settings = ExtractionSettings(attention=False, hidden=False)
-    store = open_or_extract(features.model, dataset, settings, root=features.store.path.parent, progress=progress,
-                            intervention=Intervention(mask_plan.identity(features.store.path.name), transform))
-    table = store.table(include_errors=True)
-    out = table[["question_id", "error", "parsed", "correct", "answer"]].rename(
-        columns={"question_id": "distinct_id", "parsed": "parsed_masked", "correct": "correct_masked", "answer": "answer_masked"})
+    out = _masked_table(_masked_pass_job(*_pass_arguments(features, mask_plan, progress)))
     out["masked_tokens"] = out["distinct_id"].map(lambda d: len(mask_plan.tokens[int(d)]))
     return out
 
@@ -184,17 +210,30 @@ def accuracy_changes(features, masked: pd.DataFrame, settings: Sequence[str], n_
     return rows
 
 
-def sweep(features, conditions: Sequence[str], fractions: Sequence[float], sweep_conditions: Sequence[str],
+def sweep(features: dict, conditions: Sequence[str], fractions: Sequence[float], sweep_conditions: Sequence[str],
           sweep_fractions: Sequence[float], layer: int | None, fill: str | int, seed: int, settings: Sequence[str],
-          n_boot: int = 1000, progress: bool = True) -> pd.DataFrame:
-    """Every (condition, fraction) pass of one model: ``conditions`` at ``fractions``, plus ``sweep_conditions`` over ``sweep_fractions``."""
-    maps = selection_map(features, layer)
+          n_boot: int = 1000, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
+    """Every (model, condition, fraction) pass: ``conditions`` at ``fractions``, plus ``sweep_conditions`` over
+    ``sweep_fractions``; ``jobs`` passes side by side (worker processes, one torch thread each; same stores)."""
     runs = {(c, float(f)) for c in conditions for f in fractions} | {(c, float(f)) for c in sweep_conditions for f in sweep_fractions}
-    runs = {(c, math.nan if c == "box" else f) for c, f in runs}
+    runs = sorted({(c, math.nan if c == "box" else f) for c, f in runs},
+                  key=lambda r: (CONDITIONS.index(r[0]), 0 if math.isnan(r[1]) else r[1]))
+    tasks = []
+    for f in features.values():
+        maps = selection_map(f, layer)
+        for condition, fraction in runs:
+            tasks.append((f, condition, fraction, plan(f, condition, 0.5 if condition == "box" else fraction, layer, fill, seed, maps)))
+    arguments = [_pass_arguments(f, p, progress and jobs <= 1) for f, _, _, p in tasks]
+    if jobs > 1 and len(tasks) > 1:
+        from joblib import Parallel, delayed
+
+        paths = Parallel(n_jobs=min(jobs, len(tasks)))(delayed(_masked_pass_job)(*a) for a in arguments)
+    else:
+        paths = [_masked_pass_job(*a) for a in arguments]
     rows = []
-    for condition, fraction in sorted(runs, key=lambda r: (CONDITIONS.index(r[0]), 0 if math.isnan(r[1]) else r[1])):
-        mask_plan = plan(features, condition, 0.5 if condition == "box" else fraction, layer, fill, seed, maps)
-        masked = masked_pass(features, mask_plan, progress)
-        for row in accuracy_changes(features, masked, settings, n_boot, seed):
-            rows.append({"model": features.model, "condition": condition, "fraction": fraction, **row})
+    for (f, condition, fraction, mask_plan), path in zip(tasks, paths):
+        masked = _masked_table(path)
+        masked["masked_tokens"] = masked["distinct_id"].map(lambda d: len(mask_plan.tokens[int(d)]))
+        for row in accuracy_changes(f, masked, settings, n_boot, seed):
+            rows.append({"model": f.model, "condition": condition, "fraction": fraction, **row})
     return pd.DataFrame.from_records(rows)
