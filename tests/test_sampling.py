@@ -61,7 +61,8 @@ def test_greedy_store_identity_has_no_sampling_keys():
 
 def test_first_token_decision_follows_popes_rule():
     assert first_token_decision("No") == "no" and first_token_decision(" no") == "no" and first_token_decision("not") == "no"
-    assert first_token_decision("Yes") == "yes" and first_token_decision(" yes") == "yes" and first_token_decision("YES") == "yes"
+    # a yes-word does not decide: "Yes" + " not" reads no under POPE's rule
+    assert first_token_decision("Yes") is None and first_token_decision(" yes") is None and first_token_decision("Yes.") == "yes"
     assert first_token_decision("", is_end=True) == "yes"  # an empty answer reads yes
     assert first_token_decision(".") == "yes" and first_token_decision("No.") == "no"
     assert first_token_decision("Nope") is None and first_token_decision("N") is None and first_token_decision(" ") is None

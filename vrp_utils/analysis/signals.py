@@ -88,7 +88,7 @@ class Signal:
     group: str = "behaviour"
 
     def available(self) -> bool:
-        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+        return self.compute is not None and (self.requires is None or importlib.util.find_spec(self.requires) is not None)
 
     def raw(self, inputs: ModelInputs) -> np.ndarray:
         """The signal's raw value per distinct input (row order of ``inputs.distinct``)."""
@@ -113,6 +113,28 @@ def _samples_column(column: str):
     return lambda m: m.samples[column].reindex(m.distinct["distinct_id"]).to_numpy()
 
 
+def _probe_oof(m: ModelInputs) -> np.ndarray:
+    """Declared before any data: L1 probe, last layer, last prompt position, 5 image-grouped folds, seed 0."""
+    from vrp_utils.analysis.probes import cross_validated, cv_problem
+
+    d = m.distinct
+    y, groups = d["correct"].to_numpy(bool), d["image_file"].to_numpy()
+    if cv_problem(y, groups) is not None:
+        return np.full(len(d), np.nan)
+    states = m.features.store.hidden(None, "last_prompt")
+    return cross_validated(np.asarray(states[d["array_index"].to_numpy(), -1]), y, groups, "l1", seed=0).scores
+
+
+def _lens_margin(m: ModelInputs) -> np.ndarray:
+    """Declared before any data: the first layer (the last one is the model's own margin), signed toward the answer."""
+    from vrp_utils.analysis.probes import LogitLens
+
+    d = m.distinct
+    states = m.features.store.hidden(None, "last_prompt")
+    margin = LogitLens(str(m.features.model_dir)).margin(np.asarray(states[d["array_index"].to_numpy(), 0]))
+    return np.where(d["parsed"].to_numpy() == "yes", 1.0, -1.0) * margin
+
+
 CHEAP_COSTS = ("greedy", "capture")
 
 
@@ -122,8 +144,9 @@ def _fusion(m: ModelInputs) -> np.ndarray:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    # Hidden-state signals are out-of-fold scores themselves: stacking them here without nested folds would leak.
     cheap = [s for s in REGISTRY.values() if s.cost in CHEAP_COSTS and s.subset is None and s.compute is not _fusion
-             and s.available()]
+             and s.available() and s.group != "hidden state"]
     x = np.column_stack([s.score(m) for s in cheap])
     x = np.where(np.isfinite(x), x, np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0))
     y = m.distinct["correct"].to_numpy(bool)
@@ -155,10 +178,10 @@ def _registry() -> dict[str, Signal]:
                  _attention_metric(metric), group="attention") for metric, direction in ATTENTION_METRICS.items()],
         Signal("attention_inbox_mass", "attention mass inside the queried object's box (positives only)", +1, "capture",
                _attention_metric("inbox_mass"), subset="positive", group="attention"),
-        Signal("probe_oof", "hidden-state probe, out-of-fold score (chapter 03)", +1, "capture", None,
-               requires="vrp_utils.analysis.probes", group="hidden state"),
-        Signal("logit_lens_margin", "logit-lens truth margin (chapter 03)", +1, "capture", None,
-               requires="vrp_utils.analysis.probes", group="hidden state"),
+        Signal("probe_oof", "L1 probe on the last layer's state at the last prompt position, out-of-fold (chapter 03)", +1,
+               "capture", _probe_oof, requires="vrp_utils.analysis.probes", group="hidden state"),
+        Signal("logit_lens_margin", "logit lens at the first layer: yes-vs-no margin toward the model's own answer", +1,
+               "capture", _lens_margin, requires="vrp_utils.analysis.probes", group="hidden state"),
         Signal("s_sc_k10", "self-consistency S_SC over K = 10 samples (T 0.7, top-p 0.9)", +1, "sampling_k10",
                _samples_column("s_sc")),
         Signal("s_sc_limit", "S_SC at K = infinity, max(q, 1 - q), from the first token's distribution", +1,

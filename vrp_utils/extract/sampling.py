@@ -37,7 +37,6 @@ import torch
 
 #: POPE's negation words (``vrp_utils.data.pope.parse_answer``, rule "pope").
 NEGATION_WORDS = ("No", "no", "not")
-YES_WORDS = ("yes",)
 
 
 def first_token_decision(text: str, is_end: bool = False) -> str | None:
@@ -45,13 +44,15 @@ def first_token_decision(text: str, is_end: bool = False) -> str | None:
 
     - the end token: the answer is empty, which POPE's rule reads as yes;
     - a token holding ``"."``: the first sentence is closed, so its text decides (POPE's rule on it);
-    - a token with a negation word (No/no/not, whole words after POPE's comma removal): no;
-    - a token with a yes-word (any case): yes;
-    - anything else (a space, "Maybe", "N"): None.
+    - a token with a negation word (No/no/not, whole words after POPE's comma removal): no, since POPE's
+      rule reads "no" from a negation anywhere in the first sentence;
+    - anything else, a yes-word included ("Yes", a space, "Maybe"): None. A yes-word does not decide:
+      "Yes" + " not" reads no. Measured: on a random-weight Qwen2-VL at T = 1 counting "Yes" as deciding
+      biased q upward (24 inputs, sum of z^2 = 55.6 on 24 df); these tokens are resolved by sampling.
 
-    The last two are the issue's definition: the token *starts* a yes or a negation; a continuation
-    could still flip the parse ("No" + "pe" = "Nope" reads yes; "Yes" + " not" reads no). How often
-    that happens is measured on the samples (``consistency.decision_violations``), never assumed away.
+    A negation token could in principle still be continued into another word ("No" + "pe" = "Nope",
+    with subword vocabularies); how often that happens is measured on the samples
+    (``consistency.decision_violations``), never assumed away.
     """
     from vrp_utils.data.pope import parse_answer
 
@@ -62,8 +63,6 @@ def first_token_decision(text: str, is_end: bool = False) -> str | None:
     words = text.replace(",", "").split(" ")
     if any(word in NEGATION_WORDS for word in words):
         return "no"
-    if any(word.strip().lower() in YES_WORDS for word in words):
-        return "yes"
     return None
 
 
