@@ -16,6 +16,7 @@ Example counts are small and the runs derandomized, so the file is deterministic
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -36,11 +37,16 @@ settings.register_profile(
     "vrp", max_examples=60, deadline=None, derandomize=True, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile("vrp")
+#: benchmarks/mutation.sh runs these tests once per mutant: fewer examples (set VRP_HYPOTHESIS_PROFILE).
+settings.register_profile("mutation", parent=settings.get_profile("vrp"), max_examples=15)
+settings.load_profile(os.environ.get("VRP_HYPOTHESIS_PROFILE", "vrp"))
+_BUDGET = settings.default.max_examples
 #: Store round trips write files: fewer examples.
-STORE = settings(max_examples=25)
+STORE = settings(max_examples=max(5, _BUDGET * 5 // 12))
 #: Bootstrap-backed statistics: fewer examples, few resamples.
-STATS = settings(max_examples=40)
+STATS = settings(max_examples=max(5, _BUDGET * 2 // 3))
+#: statsmodels' multipletests runs gc.collect() on every call (~0.1 s here).
+HOLM = settings(max_examples=max(5, _BUDGET // 3))
 N_BOOT = 30
 
 
@@ -99,6 +105,10 @@ ANSWERS = st.one_of(
 
 
 @given(ANSWERS)
+@example("No\n")  # the quirks, always tried (the mutation profile draws few examples)
+@example("No, I don't think so")
+@example("Yes. No.")
+@example("Not,no")
 def test_pope_rule_equals_an_independent_implementation(text):
     assert parse_answer(text, "pope") == pope_reference(text)
 
@@ -115,6 +125,10 @@ def test_pope_rule_ignores_commas(text):
 
 
 @given(ANSWERS)
+@example("  No\n")
+@example("YES!")
+@example("")
+@example("Yesterday")
 def test_strict_rule_equals_an_independent_implementation(text):
     expected = strict_reference(text)
     assert parse_answer(text, "strict", on_fail="none") == expected
@@ -359,7 +373,7 @@ def holm_reference(p: list[float | None]) -> list[float]:
     return out
 
 
-@settings(max_examples=20)  # statsmodels' multipletests runs gc.collect() on every call (~0.1 s here)
+@HOLM
 @given(st.lists(st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 0.05, None, math.nan])), max_size=12))
 def test_holm_equals_the_hand_step_down(p):
     got = S.holm(p)
