@@ -336,3 +336,162 @@ def test_estimate_prints_and_serializes_with_its_interval():
     assert json.loads(json.dumps(d)) == d
     with pytest.raises(AttributeError):
         est.value = 0.2  # frozen
+
+
+# ------------------------------------------------------------------- the contract of every statistic
+# (added to kill surviving mutants of benchmarks/mutation.sh: defaults, options passed through,
+# argument names in messages, the undefined form, serialisation)
+
+STATISTICS = {
+    "point_biserial": lambda s, c, g, **kw: point_biserial(s, c, g, **kw),
+    "auroc": lambda s, c, g, **kw: auroc(s, c, g, **kw),
+    "paired_accuracy_change": lambda s, c, g, **kw: paired_accuracy_change(c, (s > 0).astype(int), g, **kw),
+    "mean_estimate": lambda s, c, g, **kw: S.mean_estimate(s, g, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATISTICS))
+def test_defaults_and_options_reach_the_bootstrap(name):
+    score, correct, groups = clustered(21, k=15)
+    stat = STATISTICS[name]
+    default = stat(score, correct, groups)
+    assert "95% CI: cluster bootstrap over images (1000 resamples, percentile, seed 0)" in default.method
+    assert (default.n, default.n_groups) == (score.size, 15)
+    assert default.details["bootstrap_se"] > 0
+    assert stat(score, correct, groups, n_boot=1000, seed=0, confidence=0.95) == default
+    options = stat(score, correct, groups, n_boot=60, seed=5, confidence=0.9)
+    assert "90% CI: cluster bootstrap over images (60 resamples, percentile, seed 5)" in options.method
+    assert (options.ci_low, options.ci_high) != (default.ci_low, default.ci_high)
+    # each option is passed on: another seed, another count, another level give other intervals
+    other_seed = stat(score, correct, groups, n_boot=60, seed=6, confidence=0.9)
+    other_count = stat(score, correct, groups, n_boot=61, seed=5, confidence=0.9)
+    wide = stat(score, correct, groups, n_boot=60, seed=5, confidence=0.99)
+    narrow = stat(score, correct, groups, n_boot=60, seed=5, confidence=0.5)
+    assert (other_seed.ci_low, other_seed.ci_high) != (options.ci_low, options.ci_high)
+    assert (other_count.ci_low, other_count.ci_high) != (options.ci_low, options.ci_high)
+    assert wide.ci_low < options.ci_low < narrow.ci_low <= narrow.ci_high < options.ci_high < wide.ci_high
+    assert options.value == default.value  # options never change the value
+
+
+@pytest.mark.parametrize("name", sorted(STATISTICS))
+def test_bad_options_are_refused_by_every_statistic(name):
+    score, correct, groups = clustered(22, k=6)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"^n_boot must be an integer >= 1"):
+            STATISTICS[name](score, correct, groups, n_boot=bad)
+    for bad in (0.0, 1.0, "0.9"):
+        with pytest.raises(ValueError, match=r"^confidence must lie strictly between 0 and 1"):
+            STATISTICS[name](score, correct, groups, confidence=bad)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s, c, g: point_biserial(s[:, None], c, g), r"^score must be one-dimensional"),
+        (lambda s, c, g: auroc(s[:, None], c, g), r"^score must be one-dimensional"),
+        (lambda s, c, g: auroc(np.where(c == 1, np.nan, s), c, g), r"^score has \d+ non-finite"),
+        (lambda s, c, g: point_biserial(s, c * 3, g), r"^correct must hold only 0/1 \(or bool\) labels; found 3"),
+        (lambda s, c, g: auroc(s, c * 3, g), r"^correct must hold only 0/1"),
+        (lambda s, c, g: auroc(s, np.array(["a"] * s.size), g), r"^correct must hold only 0/1 \(or bool\) labels; got dtype"),
+        (lambda s, c, g: auroc(s, c[:, None], g), r"^correct must be one-dimensional"),
+        (lambda s, c, g: point_biserial(s[:-1], c, g), r"^length mismatch: score has 39, correct has 40, groups has 40 rows"),
+        (lambda s, c, g: auroc(s[:-1], c, g), r"^length mismatch: score has 39, correct has 40, groups has 40 rows"),
+        (lambda s, c, g: auroc(s, c, g[:-1]), r"^length mismatch: score has 40, correct has 40, groups has 39 rows"),
+        (lambda s, c, g: paired_accuracy_change(c * 3, c, g), r"^before must hold only 0/1"),
+        (lambda s, c, g: paired_accuracy_change(c, c, g[:-1]), r"^length mismatch: before has 40, after has 40, groups has 39"),
+        (lambda s, c, g: S.mean_estimate(np.where(c == 1, np.inf, s), g), r"^values has \d+ non-finite"),
+        (lambda s, c, g: S.mean_estimate(s, g[:-1]), r"^length mismatch: values has 40, groups has 39 rows"),
+        (lambda s, c, g: auroc(s, c, g[:, None]), r"^groups must be one-dimensional"),
+        (lambda s, c, g: auroc(s, c, np.array([1, "a"] * (s.size // 2), dtype=object)), r"^groups must be comparable"),
+        (lambda s, c, g: auroc(s, c, np.zeros_like(g)), r"^need at least 2 groups \(images\) for a cluster bootstrap; got 1"),
+    ],
+)
+def test_bad_inputs_name_the_argument(call, message):
+    score, correct, groups = clustered(23, k=8)
+    score, correct, groups = score[:40], correct[:40], groups[:40]
+    with pytest.raises(ValueError, match=message):
+        call(score, correct, groups)
+
+
+def test_one_example_of_a_class_is_enough():
+    score = np.array([0.1, 0.5, 0.9, 0.3, 0.7, 0.2])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    one_correct = np.array([0, 0, 1, 0, 0, 0])
+    assert auroc(score, one_correct, groups, n_boot=20).value == 1.0
+    assert auroc(score, 1 - one_correct, groups, n_boot=20).value == 0.0
+    assert point_biserial(score, one_correct, groups, n_boot=20).defined
+    assert point_biserial(np.r_[score[:5], 0.8], one_correct, groups, n_boot=20).defined
+
+
+@pytest.mark.parametrize("case", ["constant score", "constant label", "one class", "no wrong"])
+def test_undefined_estimates_are_nan_with_sizes_and_reason(case):
+    score = np.array([0.1, 0.5, 0.9, 0.3, 0.7])
+    groups = np.array([0, 0, 1, 1, 2])
+    ones = np.ones(5, dtype=int)
+    est = {
+        "constant score": lambda: point_biserial(np.full(5, 0.3), np.array([1, 0, 1, 0, 1]), groups),
+        "constant label": lambda: point_biserial(score, 0 * ones, groups),
+        "one class": lambda: auroc(score, 0 * ones, groups),
+        "no wrong": lambda: auroc(score, ones, groups),
+    }[case]()
+    reason = {
+        "constant score": "score is constant over all 5 examples",
+        "constant label": "correct is constant (0) over all 5 examples",
+        "one class": "only one class: all 5 examples are wrong",
+        "no wrong": "only one class: all 5 examples are correct",
+    }[case]
+    assert math.isnan(est.value) and math.isnan(est.ci_low) and math.isnan(est.ci_high)
+    assert (est.n, est.n_groups, est.p_value, est.details) == (5, 3, None, {"undefined": reason})
+    assert not est.defined and str(est) == f"undefined: {reason} (n=5, 3 images)"
+    assert est.method.startswith(("point-biserial r (scipy.stats.pointbiserialr); 95% CI",
+                                  "AUROC (sklearn roc_auc_score, correct = positive); 95% CI"))
+
+
+def test_details_of_each_statistic():
+    score, correct, groups = clustered(24, k=10)
+    pb = point_biserial(score, correct, groups, n_boot=50)
+    assert set(pb.details) == {"n_correct", "bootstrap_se"} and pb.details["n_correct"] == correct.sum()
+    assert pb.method.endswith("p: two-sided z test of r = 0 with the bootstrap SE")
+    au = auroc(score, correct, groups, n_boot=50)
+    assert au.details == {"n_correct": correct.sum(), "n_wrong": (1 - correct).sum(),
+                          "bootstrap_se": au.details["bootstrap_se"]}
+    assert au.method.endswith("p: two-sided z test of AUROC = 0.5 with the bootstrap SE")
+    pa = paired_accuracy_change(correct, 1 - correct, groups, n_boot=50)
+    assert set(pa.details) == {"n_correct_to_wrong", "n_wrong_to_correct", "accuracy_before", "accuracy_after",
+                               "p_cluster_bootstrap", "bootstrap_se"}
+    assert pa.method.startswith("accuracy change (after - before); 95% CI")
+    assert "p: exact McNemar test on the discordant pairs (statsmodels)" in pa.method
+    z = pa.value / pa.details["bootstrap_se"]
+    assert pa.details["p_cluster_bootstrap"] == pytest.approx(2 * scipy.stats.norm.sf(abs(z)), rel=1e-9)
+    me = S.mean_estimate(score, groups, n_boot=50)
+    assert me.method.startswith("mean; 95% CI") and set(me.details) == {"bootstrap_se"}
+    assert me.details["bootstrap_se"] > 0 and me.p_value is None
+    for est in (pb, au, pa, me):
+        assert est.ci_low < est.value < est.ci_high
+
+
+def test_undefined_resamples_raise_no_numpy_warnings():
+    """Resamples with one class or a constant score are NaN by design: no divide/invalid warnings."""
+    score = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3, 0.5, 0.5])
+    correct = np.array([1, 1, 0, 0, 1, 0, 1, 1])
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for stat in STATISTICS.values():
+            stat(score, correct, groups, n_boot=200, seed=1)
+
+
+def test_estimate_serializes_every_field_and_nested_details():
+    details = {"k": np.int64(3), "x": np.nan, "flag": np.bool_(True), "nested": {"a": (1, np.float32(0.5))},
+               "arr": np.array([1.0, np.inf]), 7: [np.int32(2), None, "s"]}
+    est = Estimate(0.5, -np.inf, np.float64(0.75), "m", np.int64(12), 3, np.float64(0.25), details)
+    assert est.as_dict() == {
+        "value": 0.5, "ci_low": None, "ci_high": 0.75, "method": "m", "n": 12, "n_groups": 3, "p_value": 0.25,
+        "details": {"k": 3, "x": None, "flag": True, "nested": {"a": [1, 0.5]}, "arr": [1.0, None],
+                    "7": [2, None, "s"]},
+    }
+    assert type(est.as_dict()["details"]["flag"]) is bool and type(est.as_dict()["n"]) is int
+    assert est.defined and str(est) == "0.500 [-inf, 0.750] (n=12, 3 images)"
+    assert Estimate(math.nan, 0, 0, "m", 1, 2).as_dict()["p_value"] is None
