@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -495,3 +496,110 @@ def test_estimate_serializes_every_field_and_nested_details():
     assert type(est.as_dict()["details"]["flag"]) is bool and type(est.as_dict()["n"]) is int
     assert est.defined and str(est) == "0.500 [-inf, 0.750] (n=12, 3 images)"
     assert Estimate(math.nan, 0, 0, "m", 1, 2).as_dict()["p_value"] is None
+
+
+def _pseudo_data(seed=25, k=30):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(k), 4)
+    x = rng.normal(size=(groups.size, 2))
+    correct = (rng.random(groups.size) < 1 / (1 + np.exp(-2 * x[:, 0]))).astype(int)
+    return x, correct, groups
+
+
+def test_pseudo_r2_defaults_options_and_details():
+    x, correct, groups = _pseudo_data()
+    est = grouped_cv_pseudo_r2(x, correct, groups)
+    assert est.method == (
+        "McFadden pseudo-R^2, out of fold (5-fold StratifiedGroupKFold by image, seed 0; StandardScaler + "
+        "LogisticRegression); 95% CI: cluster bootstrap over images (1000 resamples, percentile, seed 0) of the "
+        "out-of-fold log-likelihoods (no refit)"
+    )
+    assert (est.n, est.n_groups, est.p_value) == (120, 30, None)
+    assert set(est.details) == {"folds", "n_features", "log_likelihood_model", "log_likelihood_null", "bootstrap_se"}
+    assert (est.details["folds"], est.details["n_features"]) == (5, 2) and est.details["bootstrap_se"] > 0
+    assert est.value == pytest.approx(1 - est.details["log_likelihood_model"] / est.details["log_likelihood_null"])
+    assert grouped_cv_pseudo_r2(x, correct, groups, folds=5, seed=0, n_boot=1000, confidence=0.95) == est
+    other = grouped_cv_pseudo_r2(x, correct, groups, seed=1, n_boot=60)
+    assert other.value != est.value and "seed 1;" in other.method and "(60 resamples, percentile, seed 1)" in other.method
+    three = grouped_cv_pseudo_r2(x[:, 0], correct, groups, folds=3, n_boot=60)
+    assert three.details["folds"] == 3 and three.details["n_features"] == 1 and "3-fold" in three.method
+    base = dict(n_boot=60, seed=2)
+    wide = grouped_cv_pseudo_r2(x, correct, groups, confidence=0.99, **base)
+    mid = grouped_cv_pseudo_r2(x, correct, groups, confidence=0.9, **base)
+    narrow = grouped_cv_pseudo_r2(x, correct, groups, confidence=0.5, **base)
+    assert wide.ci_low < mid.ci_low < narrow.ci_low < narrow.ci_high < mid.ci_high < wide.ci_high
+    assert grouped_cv_pseudo_r2(x, correct, groups, n_boot=60, seed=3, confidence=0.9).ci_low != mid.ci_low
+    assert grouped_cv_pseudo_r2(x, correct, groups, n_boot=61, seed=2, confidence=0.9).ci_low != mid.ci_low
+
+
+def test_pseudo_r2_does_not_depend_on_feature_scale():
+    """The features are standardised in each fold, so rescaling a feature changes nothing."""
+    x, correct, groups = _pseudo_data(26)
+    est = grouped_cv_pseudo_r2(x, correct, groups, n_boot=50)
+    scaled = grouped_cv_pseudo_r2(x * np.array([1000.0, 0.001]) + 5.0, correct, groups, n_boot=50)
+    assert scaled.value == pytest.approx(est.value, rel=1e-6)
+
+
+def test_pseudo_r2_undefined_forms():
+    x, correct, groups = _pseudo_data(27, k=6)
+    est = grouped_cv_pseudo_r2(x, np.ones_like(correct), groups)
+    assert (est.n, est.n_groups, est.details) == (24, 6, {"undefined": "correct is constant (1) over all 24 examples"})
+    assert est.method.startswith("McFadden pseudo-R^2, out of fold (5-fold") and math.isnan(est.ci_high)
+    # the only wrong answers are in one image: the training folds without it have one class only
+    lonely = np.ones_like(correct)
+    lonely[groups == 0] = 0
+    est = grouped_cv_pseudo_r2(x, lonely, groups, folds=3)
+    assert math.isnan(est.value) and (est.n, est.n_groups) == (24, 6)
+    assert est.details["folds"] == 3 and re.fullmatch(
+        r"training fold without fold \d has one class only", est.details["undefined"])
+    assert est.method.startswith("McFadden pseudo-R^2, out of fold (3-fold")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, c, g: grouped_cv_pseudo_r2(x[:, :, None], c, g), r"^features must be \(n_examples,\) or"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(np.where(x > 1.5, np.nan, x), c, g), r"^features has \d+ non-finite"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(x[:-1], c, g), r"^length mismatch: features has 119, correct has 120, groups has 120"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(x, c[:-1], g), r"^length mismatch: features has 120, correct has 119"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(x, c, g[:-1]), r"^length mismatch: .*groups has 119 rows"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(x, c * 2, g), r"^correct must hold only 0/1"),
+        (lambda x, c, g: grouped_folds(c * 2, g), r"^correct must hold only 0/1"),
+        (lambda x, c, g: grouped_folds(c[:-1], g), r"^length mismatch: correct has 119, groups has 120 rows"),
+        (lambda x, c, g: grouped_folds(c, g, folds=1), r"^folds must be an integer >= 2; got 1"),
+        (lambda x, c, g: grouped_folds(c, g, folds=2.0), r"^folds must be an integer >= 2; got 2.0"),
+        (lambda x, c, g: grouped_folds(c, g, folds=True), r"^folds must be an integer >= 2; got True"),
+        (lambda x, c, g: grouped_folds(c, g, folds=31), r"^folds=31 needs at least 31 groups \(images\); got 30"),
+    ],
+)
+def test_pseudo_r2_and_folds_refuse_bad_inputs(call, message):
+    x, correct, groups = _pseudo_data()
+    with pytest.raises(ValueError, match=message):
+        call(x, correct, groups)
+
+
+def test_grouped_folds_accept_two_folds_and_one_image_per_fold():
+    x, correct, groups = _pseudo_data(28, k=6)
+    assert set(grouped_folds(correct, groups, folds=2)) == {0, 1}
+    assert set(grouped_folds(correct, groups, folds=6)) == set(range(6))
+    assert np.array_equal(grouped_folds(correct, groups, folds=np.int64(3)), grouped_folds(correct, groups, folds=3))
+
+
+def test_log_likelihood_clips_certain_predictions():
+    ll = S._bernoulli_ll(np.array([1, 0, 1, 0]), np.array([0.0, 1.0, 1.0, 0.0]))
+    assert ll == pytest.approx([math.log(1e-12), math.log(1e-12), math.log1p(-1e-12), math.log1p(-1e-12)])
+
+
+def test_z_test_p_is_none_without_a_finite_value_and_positive_se():
+    assert S._z_test_p(math.nan, 0.0, 0.1) is None and S._z_test_p(0.3, 0.0, math.inf) is None
+    assert S._z_test_p(0.3, 0.0, 0.0) is None and S._z_test_p(0.3, 0.0, -1.0) is None
+    assert S._z_test_p(0.5, 0.5, 0.1) == 1.0
+
+
+def test_scores_may_be_ints_or_bools():
+    score, correct, groups = clustered(29, k=12)
+    as_int = (score > 0).astype(int)
+    for stat in (point_biserial, auroc):
+        assert stat(as_int.astype(bool), correct, groups, n_boot=20) == stat(as_int.astype(float), correct, groups, n_boot=20)
+        assert stat(list(as_int), correct, groups, n_boot=20) == stat(as_int.astype(float), correct, groups, n_boot=20)
+    assert S.mean_estimate(as_int.astype(bool), groups, n_boot=20).value == pytest.approx(as_int.mean())
