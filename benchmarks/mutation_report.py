@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 import tokenize
 from collections import Counter
@@ -68,17 +67,19 @@ def is_message_mutant(diff: str) -> bool:
     return bool(changed) and all(" " in a.strip("'\"fr") for a, _ in changed)
 
 
-def main(module: str) -> None:
+def main(module: str, names_only: bool = False) -> None:
     path = MODULES[module]
     meta = Path("mutants") / f"{path}.meta"
     data = json.loads(meta.read_text())
     codes: dict[str, int | None] = data["exit_code_by_key"]
     counts = Counter(status(c) for c in codes.values())
     survivors = sorted(k for k, c in codes.items() if status(c) not in ("killed", "timeout", "caught by type check"))
-    diffs = {}
-    for name in survivors:
-        out = subprocess.run([sys.executable, "-m", "mutmut", "show", name], capture_output=True, text=True)
-        diffs[name] = out.stdout
+    if names_only:
+        print("\n".join(survivors))
+        return
+    from mutmut.mutation.diff_apply import get_diff_for_mutant  # in process: one `mutmut show` per mutant is slow
+
+    diffs = {name: get_diff_for_mutant(name, path=Path(path)) for name in survivors}
     message = {k for k in survivors if is_message_mutant(diffs[k])}
     total = len(codes)
     killed = counts["killed"] + counts["timeout"] + counts["caught by type check"]
@@ -97,4 +98,4 @@ def main(module: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], names_only="--names" in sys.argv[2:])
