@@ -240,3 +240,39 @@ def test_metrics_table_checks_top_mass_and_grid():
     assert all(math.isnan(v) for v in nan.values()) and set(nan) == {"entropy", "entropy_norm", "ck_text", "ck_dbscan", "top10_mass", "gini"}
     with pytest.raises(ValueError, match=r"^map has 4 tokens, box mask 3"):
         inbox_mass(np.full(4, 0.25), np.ones(3, bool))
+
+
+def test_maps_bookkeeping_and_the_first_head():
+    rows = _rows(n=3, layers=2, heads=3, steps=2, tokens=6, seed=8)
+    rows[1] = 0  # no image mass at all: undefined
+    rows[2, 0] = 0  # undefined on one layer only
+    counts = np.array([6, 5, 4])
+    maps = attention_maps(rows, counts)
+    assert maps.counts is not None and maps.counts.tolist() == [6, 5, 4]
+    assert (maps.n_rows_skipped, maps.n_undefined) == (0, 2)
+    first = attention_maps(rows, counts, head=0)
+    expected = rows[0, 1, 0, 0].astype(np.float64)
+    np.testing.assert_allclose(first.maps[0, 1], expected / expected.sum(), atol=1e-15)
+    assert attention_maps(rows, counts, "answer", answer_lengths=np.array([1, 2, 2])).n_rows_skipped == 0
+    per_row = attention_maps(rows, counts, "per_row")
+    assert (per_row.n_rows_skipped, per_row.n_undefined) == (3 * 2 + 3, 2)
+
+
+def test_undefined_maps_raise_no_numpy_warnings():
+    import warnings
+
+    rows = _rows(n=2, layers=1, heads=2, steps=2, tokens=4)
+    rows[0] = 0
+    rows[1, 0, 0] = 0  # one zero row for per_row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for aggregate in ("step0", "answer", "per_row"):
+            attention_maps(rows, np.array([4, 4]), aggregate, answer_lengths=np.array([0, 1]))
+
+
+def test_entropy_ignores_zero_tokens_and_ck_text_defaults_to_30_percent():
+    assert entropy(np.array([0.5, 0.5, 0.0])) == pytest.approx(math.log(2))
+    assert map_metrics(np.array([0.5, 0.0, 0.0, 0.5]), (2, 2))["entropy"] == pytest.approx(math.log(2))
+    p = np.array([0.25, 0.05, 0.05, 0.05, 0.05, 0.55])
+    assert ck_text(p, (2, 3)) == ck_text(p, (2, 3), 0.3) == 0  # 0.55 alone holds 30%
+    assert ck_text(p, (2, 3), 0.7) == 1  # tokens 5 and 0 are not 4-connected
