@@ -500,3 +500,13 @@ def test_metrics_name_the_argument_with_bad_values() -> None:
         pope_metrics(["yes", "maybe"], ["yes", "no"])
     with pytest.raises(ValueError, match=r"^predictions must be 'yes'/'no', found \['1'\]"):
         pope_metrics(["yes", "no"], ["yes", 1])
+
+
+def test_missing_boxes_in_a_json_array_is_located_by_element(pope_dir: Path) -> None:
+    q = pope_dir / "questions.json"
+    q.write_text(json.dumps([json.loads(r) for r in GOOD]))
+    boxes = pope_dir / "boxes.jsonl"
+    boxes.write_text(json.dumps({"image": "COCO_val2014_000000000000.jpg", "objects": []}) + "\n")
+    with pytest.raises(PopeFormatError, match=r"questions.json, element 3: missing boxes") as info:
+        load_pope(q, pope_dir / "val2014", boxes=boxes)
+    assert (info.value.line, info.value.element) == (None, 3)
