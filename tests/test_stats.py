@@ -603,3 +603,59 @@ def test_scores_may_be_ints_or_bools():
         assert stat(as_int.astype(bool), correct, groups, n_boot=20) == stat(as_int.astype(float), correct, groups, n_boot=20)
         assert stat(list(as_int), correct, groups, n_boot=20) == stat(as_int.astype(float), correct, groups, n_boot=20)
     assert S.mean_estimate(as_int.astype(bool), groups, n_boot=20).value == pytest.approx(as_int.mean())
+
+
+def test_partially_undefined_replicates_give_the_quantiles_and_sd_of_the_rest():
+    score = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3, 0.6, 0.4])
+    correct = np.array([1, 1, 0, 0, 1, 0, 1, 0])
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    pairs, pos, neg = S._auroc_terms(score, correct, np.array([0, 0, 1, 1, 2, 2, 3, 3]), 4)
+    for confidence in (0.95, 0.8):
+        ci = cluster_bootstrap(S._auroc_from_terms, [pairs, pos, neg], np.arange(4), n_boot=300, seed=2,
+                               confidence=confidence)
+        finite = ci.replicates[np.isfinite(ci.replicates)]
+        assert 0 < finite.size < 300
+        alpha = (1 - confidence) / 2
+        assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(finite, [alpha, 1 - alpha])), abs=1e-12)
+        assert ci.standard_error == pytest.approx(np.std(finite, ddof=1), rel=1e-12)
+    est = auroc(score, correct, groups, n_boot=300, seed=2)
+    undefined = int((~np.isfinite(ci.replicates)).sum())
+    assert est.method.startswith("AUROC (sklearn roc_auc_score, correct = positive); 95% CI: cluster bootstrap over "
+                                 f"images (300 resamples, percentile, seed 2), {undefined} undefined resamples dropped")
+
+
+def test_cluster_bootstrap_defaults_all_undefined_and_lengths():
+    values = np.array([1.0, 2.0, 3.0, 4.0])
+    groups = np.array([0, 0, 1, 1])
+    default = cluster_bootstrap(weighted_mean, [values], groups)
+    assert default.replicates.shape == (1000,)
+    np.testing.assert_array_equal(default.replicates, cluster_bootstrap(weighted_mean, [values], groups, n_boot=1000,
+                                                                        seed=0).replicates)
+    nothing = cluster_bootstrap(lambda v, weights: np.full(weights.shape[:-1], np.nan), [values], groups, n_boot=20)
+    assert math.isnan(nothing.low) and math.isnan(nothing.high) and math.isnan(nothing.standard_error)
+    with pytest.raises(ValueError, match=r"^length mismatch: groups has 4, arrays\[0\] has 3 rows"):
+        cluster_bootstrap(weighted_mean, [values[:3]], groups)
+
+
+def test_one_resample_two_examples_and_tiny_scores():
+    score, correct, groups = clustered(30, k=10)
+    import warnings
+
+    with warnings.catch_warnings():  # scipy's standard error of one replicate warns (ddof=1)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert point_biserial(score, correct, groups, n_boot=1).n == score.size  # n_boot=1 is allowed
+    pairs, pos, neg = S._auroc_terms(np.array([0.2, 0.8]), np.array([0, 1]), np.array([0, 1]), 2)
+    assert S._auroc_from_terms(pairs, pos, neg, np.array([1.0, 1.0])) == 1.0  # one pair: den = 1
+    # r and its interval do not depend on the score's scale (moments are standardised first)
+    big, tiny = point_biserial(score, correct, groups, n_boot=50), point_biserial(score * 1e-8, correct, groups, n_boot=50)
+    assert (tiny.value, tiny.ci_low, tiny.ci_high) == pytest.approx((big.value, big.ci_low, big.ci_high), rel=1e-6)
+
+
+def test_small_messages_and_defaults():
+    with pytest.raises(ValueError, match=r"found 2, 3, 4, 5, 6$"):
+        auroc(np.arange(7.0), np.array([0, 1, 2, 3, 4, 5, 6]), np.arange(7))
+    with pytest.raises(ValueError, match=r"got 0$"):
+        auroc([], [], [])
+    _, correct, groups = clustered(31, k=12)
+    fold = grouped_folds(correct, groups)
+    assert set(fold) == set(range(5)) and np.array_equal(fold, grouped_folds(correct, groups, folds=5, seed=0))
