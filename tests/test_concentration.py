@@ -154,15 +154,15 @@ def _table():
 
     box = json.dumps([{"category": "cup", "bbox": [0, 0, 10, 10]}, {"category": "dog", "bbox": [25, 0, 30, 30]}])
     return pd.DataFrame({
-        "id": ["a", "b", "c"],
-        "array_index": [2, 0, 1],  # table rows point at other array rows
-        "n_image_tokens": [6, 4, 6],
-        "answer_length": [1, 2, 2],
-        "grid_rows": [2, 2, 3], "grid_cols": [3, 2, 2],
-        "label": ["yes", "no", "yes"],
-        "object": ["cup", "cup", "dog"],
-        "boxes": [box, box, box],
-        "image_width": [30, 30, 30], "image_height": [30, 30, 30],
+        "id": ["a", "b", "c", "d"],
+        "array_index": [2, 0, 1, 1],  # table rows point at other array rows
+        "n_image_tokens": [6, 4, 6, 6],
+        "answer_length": [1, 2, 2, 1],
+        "grid_rows": [2, 2, 3, 3], "grid_cols": [3, 2, 2, 2],
+        "label": ["yes", "yes", "yes", "no"],
+        "object": ["cup", "cup", "dog", "dog"],
+        "boxes": [box] * 4,
+        "image_width": [30] * 4, "image_height": [30] * 4,
     })
 
 
@@ -173,10 +173,12 @@ def test_example_metrics_rows_layers_maps_and_inbox_mass():
     attention = _rows(n=3, layers=2, heads=2, steps=3, tokens=6, seed=4)
     metrics, maps = example_metrics(table, attention, GridAdapter())
     assert list(metrics.columns) == ["array_index", "layer", *METRICS, "inbox_mass", "inbox_chance"]
-    assert metrics["array_index"].tolist() == [2, 2, 0, 0, 1, 1] and metrics["layer"].tolist() == [0, 1] * 3
+    assert metrics["array_index"].tolist() == [2, 2, 0, 0, 1, 1, 1, 1] and metrics["layer"].tolist() == [0, 1] * 4
     # positive "a": cup box [0,10]x[0,10] on a 2x3 grid of 10x15 cells overlaps cell 0 only
     # positive "c": dog box [25,30]x[0,30] on a 3x2 grid of 15x10 cells overlaps cells 1, 3, 5
-    inside = {0: np.array([1, 0, 0, 0, 0, 0], bool), 2: np.array([0, 1, 0, 1, 0, 1], bool)}
+    # positive "b" (4 real tokens of 6: padded): a 2x2 grid of 15x15 cells, cell 0 only
+    inside = {0: np.array([1, 0, 0, 0, 0, 0], bool), 1: np.array([1, 0, 0, 0], bool),
+              2: np.array([0, 1, 0, 1, 0, 1], bool)}
     for i, row in table.iterrows():
         s = row.n_image_tokens
         for layer in range(2):
@@ -276,3 +278,21 @@ def test_entropy_ignores_zero_tokens_and_ck_text_defaults_to_30_percent():
     p = np.array([0.25, 0.05, 0.05, 0.05, 0.05, 0.55])
     assert ck_text(p, (2, 3)) == ck_text(p, (2, 3), 0.3) == 0  # 0.55 alone holds 30%
     assert ck_text(p, (2, 3), 0.7) == 1  # tokens 5 and 0 are not 4-connected
+    q = np.array([0.28, 0.14, 0.15, 0.15, 0.28])  # 30% needs both ends of a 1x5 strip; 100% joins them
+    assert ck_text(q, (1, 5)) == 1 and ck_text(q, (1, 5), 1.0) == 0
+    from vrp_utils.analysis.concentration import metrics_table
+
+    maps = AttentionMapsFor(q)
+    assert metrics_table(maps, np.array([[1, 5]]))["ck_text"].tolist() == [1.0]
+
+
+def AttentionMapsFor(p):  # noqa: N802 - a one-map AttentionMaps
+    from vrp_utils.analysis.concentration import AttentionMaps
+
+    return AttentionMaps(p[None, None, :], np.array([len(p)]), 0, 0)
+
+
+def test_gini_does_not_need_a_normalised_map():
+    x = np.array([1.0, 1.0, 1.0, 5.0])
+    assert gini(x) == pytest.approx(gini(x / x.sum())) == pytest.approx(
+        np.abs(x[:, None] - x[None, :]).sum() / (2 * 16 * x.mean()))
