@@ -488,6 +488,7 @@ def test_estimate_serializes_every_field_and_nested_details():
     details = {"k": np.int64(3), "x": np.nan, "flag": np.bool_(True), "nested": {"a": (1, np.float32(0.5))},
                "arr": np.array([1.0, np.inf]), 7: [np.int32(2), None, "s"]}
     est = Estimate(0.5, -np.inf, np.float64(0.75), "m", np.int64(12), 3, np.float64(0.25), details)
+    assert Estimate(0.5, 0.125, 0.75, "m", 1, 2).as_dict()["ci_low"] == 0.125
     assert est.as_dict() == {
         "value": 0.5, "ci_low": None, "ci_high": 0.75, "method": "m", "n": 12, "n_groups": 3, "p_value": 0.25,
         "details": {"k": 3, "x": None, "flag": True, "nested": {"a": [1, 0.5]}, "arr": [1.0, None],
