@@ -32,6 +32,8 @@ from vrp_utils.data.pope import (
     ("There is not a cup", "no"),
     ("NO", "yes"), ("No!", "yes"), ("Nope", "yes"),  # case- and punctuation-sensitive words
     ("I think, no", "no"),               # comma dropped, "no" is a word
+    ("No, I don't think so", "no"),      # "No," loses its comma and is the word "No"
+    ("No\n", "yes"), ("no\tway", "yes"),  # only single spaces split words
 ])
 def test_parse_answer_pope_rule(text: str, expected: str) -> None:
     assert parse_answer(text) == expected
@@ -357,3 +359,154 @@ def test_round_trip_synthetic_benchmark(tmp_path: Path) -> None:
     assert all(f.startswith("train_") for f in train["image_file"])
     with pytest.raises(ValueError, match="setting"):
         load_benchmark("train", root)
+
+
+# ------------------------------------------------------------------ error locations, boxes checks, wrappers
+# (added to kill surviving mutants of benchmarks/mutation.sh: each test names what it pins down)
+
+#: Bad rows beyond BAD_ROWS whose problem has no test of its own: a row that is not an object, a
+#: question that is not a string.
+MORE_BAD_ROWS = {
+    "malformed row": "[1, 2]",
+    "bad question: text must be a string": _row(9, text=5),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("problem", sorted(set(BAD_ROWS) - {"malformed JSON"} | set(MORE_BAD_ROWS)))
+def test_each_bad_row_of_a_json_array_is_located_by_element(pope_dir: Path, problem: str) -> None:
+    """In a JSON array file every kind of bad row is located by element, never by line."""
+    bad = {**BAD_ROWS, **MORE_BAD_ROWS}[problem]
+    q = pope_dir / "questions.json"
+    q.write_text(json.dumps([json.loads(r) for r in GOOD[:2] + [bad] + GOOD[2:]], indent=2))
+    with pytest.raises(PopeFormatError) as info:
+        load_pope(q, pope_dir / "val2014")
+    err = info.value
+    assert (err.path, err.line, err.element) == (q, None, 3) and err.problem.startswith(problem)
+    assert str(err).startswith(f"{q}, element 3: {problem}")
+
+
+@pytest.mark.parametrize("problem", sorted(MORE_BAD_ROWS))
+def test_more_bad_rows_of_json_lines_are_located_by_line(pope_dir: Path, problem: str) -> None:
+    q = pope_dir / "questions.jsonl"
+    q.write_text("\n".join(GOOD[:2] + [MORE_BAD_ROWS[problem]] + GOOD[2:]) + "\n")
+    with pytest.raises(PopeFormatError) as info:
+        load_pope(q, pope_dir / "val2014")
+    assert (info.value.line, info.value.element) == (3, None) and info.value.problem.startswith(problem)
+
+
+def test_blank_lines_and_duplicates_keep_their_line_numbers(pope_dir: Path) -> None:
+    q = pope_dir / "questions.jsonl"
+    q.write_text("\n".join([GOOD[0], "", "   ", GOOD[1], _row(1, label="no"), GOOD[2]]) + "\n")
+    with pytest.raises(PopeFormatError, match=r"line 5: duplicate question_id: 1 \(first on line 1\)"):
+        load_pope(q, pope_dir / "val2014")
+    q.write_text("\n".join([GOOD[0], "", GOOD[1], "", GOOD[2]]) + "\n")  # rows after a blank line are read
+    assert load_pope(q, pope_dir / "val2014")["question_id"] == [1, 2, 3]
+
+
+def test_broken_json_array_names_the_line_of_the_problem(pope_dir: Path) -> None:
+    q = pope_dir / "questions.json"
+    q.write_text("[\n" + GOOD[0] + ",\n" + GOOD[1] + "\n" + GOOD[2] + "\n]")  # comma missing after line 3
+    with pytest.raises(PopeFormatError, match="malformed JSON array") as info:
+        load_pope(q, pope_dir / "val2014")
+    assert info.value.line == 4 and "line 4" in str(info.value)
+
+
+@pytest.mark.parametrize("row, problem", [
+    ('{"image": "COCO_val2014_000000000000.jpg", "objects": [{"category": 5, "bbox": [1, 2, 3, 4]}]}', "bad object"),
+    ('{"image": "COCO_val2014_000000000000.jpg", "objects": [{"category": "cup"}]}', "bad object"),
+    ('{"image": "COCO_val2014_000000000000.jpg", "objects": ["cup"]}', "bad object"),
+    ('{"image": "COCO_val2014_000000000000.jpg", "objects": [{"category": "cup", "bbox": [1, 2, "3", 4]}]}', "bad object"),
+    ('{"objects": []}', "missing key"),
+    ('{"image": "COCO_val2014_000000000000.jpg"}', "missing key"),
+    ('["image", "objects"]', "missing key"),
+    ("{oops", "malformed JSON"),
+])
+def test_each_bad_boxes_row_is_located_by_line_and_by_element(pope_dir: Path, row: str, problem: str) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text("\n".join(GOOD) + "\n")
+    good = json.dumps({"image": "COCO_val2014_000000000001.jpg", "objects": []})
+    boxes = pope_dir / "boxes.jsonl"
+    boxes.write_text("\n".join([good, row]) + "\n")
+    with pytest.raises(PopeFormatError) as info:
+        load_pope(q, pope_dir / "val2014", boxes=boxes)
+    assert (info.value.path, info.value.line, info.value.element) == (boxes, 2, None)
+    assert info.value.problem.startswith(problem)
+    if problem == "malformed JSON":
+        return  # a JSON array cannot hold a malformed row
+    boxes = pope_dir / "boxes.json"
+    boxes.write_text("[" + good + ", " + row + "]")
+    with pytest.raises(PopeFormatError) as info:
+        load_pope(q, pope_dir / "val2014", boxes=boxes)
+    assert (info.value.path, info.value.line, info.value.element) == (boxes, None, 2)
+    assert info.value.problem.startswith(problem)
+
+
+def test_skip_report_counts_every_good_boxes_row_and_joins_clauses(pope_dir: Path) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text("\n".join(GOOD) + "\n")
+    boxes = pope_dir / "boxes.jsonl"
+    rows = [{"image": f"COCO_val2014_{i:012d}.jpg", "objects": []} for i in range(2)] + [{"image": "z.jpg"}]
+    boxes.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds, report = load_pope(q, pope_dir / "val2014", boxes=boxes, on_error="skip", return_report=True)
+    assert len(ds) == 3 and (report.n_boxes_rows, report.n_boxes_loaded, report.n_boxes_skipped) == (3, 2, 1)
+    assert report.summary() == (f"{q}: 3 of 3 rows loaded, 0 skipped; "
+                                f"{boxes}: 2 of 3 rows loaded, 1 skipped (missing key: 1)")
+
+
+def test_skip_warning_points_at_the_caller(pope_dir: Path) -> None:
+    q = pope_dir / "q.jsonl"
+    q.write_text("\n".join(GOOD + [BAD_ROWS["bad label"]]) + "\n")
+    with pytest.warns(UserWarning, match="1 skipped") as record:
+        load_pope(q, pope_dir / "val2014", on_error="skip")
+    # stacklevel=2: the caller, never pope.py itself (mutmut's trampoline adds a frame, so the exact
+    # caller is not checked)
+    assert len(record) == 1 and Path(record[0].filename).name != "pope.py"
+
+
+@pytest.fixture
+def benchmark_root(pope_dir: Path) -> Path:
+    """A benchmark-shaped folder (images/, boxes.jsonl, pope_random.jsonl, train.jsonl), each file one bad row."""
+    root = pope_dir / "bench"
+    root.mkdir()
+    (pope_dir / "val2014").rename(root / "images")
+    boxes = [{"image": f"COCO_val2014_{i:012d}.jpg", "objects": [{"category": "cup", "bbox": [1, 2, 3, 4]}]}
+             for i in range(2)]
+    (root / "boxes.jsonl").write_text("\n".join(json.dumps(b) for b in boxes) + "\n")
+    for name in ("pope_random.jsonl", "train.jsonl"):
+        (root / name).write_text("\n".join(GOOD + [BAD_ROWS["bad label"]]) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("split", ["random", "train"])
+def test_benchmark_loaders_pass_boxes_setting_and_policy(benchmark_root: Path, split: str) -> None:
+    def load(**kwargs):
+        if split == "train":
+            return load_train(benchmark_root, **kwargs)
+        return load_benchmark(split, benchmark_root, **kwargs)
+
+    with pytest.raises(PopeFormatError, match="line 4: bad label"):
+        load()
+    with pytest.warns(UserWarning, match="1 skipped"):
+        ds = load(on_error="skip")
+    assert ds["question_id"] == [1, 2, 3] and set(ds["setting"]) == {split}
+    assert ds["boxes"][0] == [{"category": "cup", "bbox": [1, 2, 3, 4]}]
+    (benchmark_root / "boxes.jsonl").write_text(json.dumps({"image": "other.jpg", "objects": []}) + "\n")
+    with pytest.raises(PopeFormatError, match="missing boxes"):
+        load(on_error="raise")
+
+
+def test_metrics_name_the_argument_with_bad_values() -> None:
+    with pytest.raises(ValueError, match=r"^labels must be 'yes'/'no', found \['maybe'\]"):
+        pope_metrics(["yes", "maybe"], ["yes", "no"])
+    with pytest.raises(ValueError, match=r"^predictions must be 'yes'/'no', found \['1'\]"):
+        pope_metrics(["yes", "no"], ["yes", 1])
+
+
+def test_missing_boxes_in_a_json_array_is_located_by_element(pope_dir: Path) -> None:
+    q = pope_dir / "questions.json"
+    q.write_text(json.dumps([json.loads(r) for r in GOOD]))
+    boxes = pope_dir / "boxes.jsonl"
+    boxes.write_text(json.dumps({"image": "COCO_val2014_000000000000.jpg", "objects": []}) + "\n")
+    with pytest.raises(PopeFormatError, match=r"questions.json, element 3: missing boxes") as info:
+        load_pope(q, pope_dir / "val2014", boxes=boxes)
+    assert (info.value.line, info.value.element) == (None, 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -336,3 +337,328 @@ def test_estimate_prints_and_serializes_with_its_interval():
     assert json.loads(json.dumps(d)) == d
     with pytest.raises(AttributeError):
         est.value = 0.2  # frozen
+
+
+# ------------------------------------------------------------------- the contract of every statistic
+# (added to kill surviving mutants of benchmarks/mutation.sh: defaults, options passed through,
+# argument names in messages, the undefined form, serialisation)
+
+STATISTICS = {
+    "point_biserial": lambda s, c, g, **kw: point_biserial(s, c, g, **kw),
+    "auroc": lambda s, c, g, **kw: auroc(s, c, g, **kw),
+    "paired_accuracy_change": lambda s, c, g, **kw: paired_accuracy_change(c, (s > 0).astype(int), g, **kw),
+    "mean_estimate": lambda s, c, g, **kw: S.mean_estimate(s, g, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATISTICS))
+def test_defaults_and_options_reach_the_bootstrap(name):
+    score, correct, groups = clustered(21, k=15)
+    stat = STATISTICS[name]
+    default = stat(score, correct, groups)
+    assert "95% CI: cluster bootstrap over images (1000 resamples, percentile, seed 0)" in default.method
+    assert (default.n, default.n_groups) == (score.size, 15)
+    assert default.details["bootstrap_se"] > 0
+    assert stat(score, correct, groups, n_boot=1000, seed=0, confidence=0.95) == default
+    options = stat(score, correct, groups, n_boot=60, seed=5, confidence=0.9)
+    assert "90% CI: cluster bootstrap over images (60 resamples, percentile, seed 5)" in options.method
+    assert (options.ci_low, options.ci_high) != (default.ci_low, default.ci_high)
+    # each option is passed on: another seed, another count, another level give other intervals
+    other_seed = stat(score, correct, groups, n_boot=60, seed=6, confidence=0.9)
+    other_count = stat(score, correct, groups, n_boot=61, seed=5, confidence=0.9)
+    wide = stat(score, correct, groups, n_boot=60, seed=5, confidence=0.99)
+    narrow = stat(score, correct, groups, n_boot=60, seed=5, confidence=0.5)
+    assert (other_seed.ci_low, other_seed.ci_high) != (options.ci_low, options.ci_high)
+    assert (other_count.ci_low, other_count.ci_high) != (options.ci_low, options.ci_high)
+    assert wide.ci_low < options.ci_low < narrow.ci_low <= narrow.ci_high < options.ci_high < wide.ci_high
+    assert options.value == default.value  # options never change the value
+
+
+@pytest.mark.parametrize("name", sorted(STATISTICS))
+def test_bad_options_are_refused_by_every_statistic(name):
+    score, correct, groups = clustered(22, k=6)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"^n_boot must be an integer >= 1"):
+            STATISTICS[name](score, correct, groups, n_boot=bad)
+    for bad in (0.0, 1.0, "0.9"):
+        with pytest.raises(ValueError, match=r"^confidence must lie strictly between 0 and 1"):
+            STATISTICS[name](score, correct, groups, confidence=bad)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s, c, g: point_biserial(s[:, None], c, g), r"^score must be one-dimensional"),
+        (lambda s, c, g: auroc(s[:, None], c, g), r"^score must be one-dimensional"),
+        (lambda s, c, g: auroc(np.where(c == 1, np.nan, s), c, g), r"^score has \d+ non-finite"),
+        (lambda s, c, g: point_biserial(s, c * 3, g), r"^correct must hold only 0/1 \(or bool\) labels; found 3"),
+        (lambda s, c, g: auroc(s, c * 3, g), r"^correct must hold only 0/1"),
+        (lambda s, c, g: auroc(s, np.array(["a"] * s.size), g), r"^correct must hold only 0/1 \(or bool\) labels; got dtype"),
+        (lambda s, c, g: auroc(s, c[:, None], g), r"^correct must be one-dimensional"),
+        (lambda s, c, g: point_biserial(s[:-1], c, g), r"^length mismatch: score has 39, correct has 40, groups has 40 rows"),
+        (lambda s, c, g: auroc(s[:-1], c, g), r"^length mismatch: score has 39, correct has 40, groups has 40 rows"),
+        (lambda s, c, g: auroc(s, c, g[:-1]), r"^length mismatch: score has 40, correct has 40, groups has 39 rows"),
+        (lambda s, c, g: paired_accuracy_change(c * 3, c, g), r"^before must hold only 0/1"),
+        (lambda s, c, g: paired_accuracy_change(c, c, g[:-1]), r"^length mismatch: before has 40, after has 40, groups has 39"),
+        (lambda s, c, g: S.mean_estimate(np.where(c == 1, np.inf, s), g), r"^values has \d+ non-finite"),
+        (lambda s, c, g: S.mean_estimate(s, g[:-1]), r"^length mismatch: values has 40, groups has 39 rows"),
+        (lambda s, c, g: auroc(s, c, g[:, None]), r"^groups must be one-dimensional"),
+        (lambda s, c, g: auroc(s, c, np.array([1, "a"] * (s.size // 2), dtype=object)), r"^groups must be comparable"),
+        (lambda s, c, g: auroc(s, c, np.zeros_like(g)), r"^need at least 2 groups \(images\) for a cluster bootstrap; got 1"),
+    ],
+)
+def test_bad_inputs_name_the_argument(call, message):
+    score, correct, groups = clustered(23, k=8)
+    score, correct, groups = score[:40], correct[:40], groups[:40]
+    with pytest.raises(ValueError, match=message):
+        call(score, correct, groups)
+
+
+def test_one_example_of_a_class_is_enough():
+    score = np.array([0.1, 0.5, 0.9, 0.3, 0.7, 0.2])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    one_correct = np.array([0, 0, 1, 0, 0, 0])
+    assert auroc(score, one_correct, groups, n_boot=20).value == 1.0
+    assert auroc(score, 1 - one_correct, groups, n_boot=20).value == 0.0
+    assert point_biserial(score, one_correct, groups, n_boot=20).defined
+    assert point_biserial(np.r_[score[:5], 0.8], one_correct, groups, n_boot=20).defined
+
+
+@pytest.mark.parametrize("case", ["constant score", "constant label", "one class", "no wrong"])
+def test_undefined_estimates_are_nan_with_sizes_and_reason(case):
+    score = np.array([0.1, 0.5, 0.9, 0.3, 0.7])
+    groups = np.array([0, 0, 1, 1, 2])
+    ones = np.ones(5, dtype=int)
+    est = {
+        "constant score": lambda: point_biserial(np.full(5, 0.3), np.array([1, 0, 1, 0, 1]), groups),
+        "constant label": lambda: point_biserial(score, 0 * ones, groups),
+        "one class": lambda: auroc(score, 0 * ones, groups),
+        "no wrong": lambda: auroc(score, ones, groups),
+    }[case]()
+    reason = {
+        "constant score": "score is constant over all 5 examples",
+        "constant label": "correct is constant (0) over all 5 examples",
+        "one class": "only one class: all 5 examples are wrong",
+        "no wrong": "only one class: all 5 examples are correct",
+    }[case]
+    assert math.isnan(est.value) and math.isnan(est.ci_low) and math.isnan(est.ci_high)
+    assert (est.n, est.n_groups, est.p_value, est.details) == (5, 3, None, {"undefined": reason})
+    assert not est.defined and str(est) == f"undefined: {reason} (n=5, 3 images)"
+    assert est.method.startswith(("point-biserial r (scipy.stats.pointbiserialr); 95% CI",
+                                  "AUROC (sklearn roc_auc_score, correct = positive); 95% CI"))
+
+
+def test_details_of_each_statistic():
+    score, correct, groups = clustered(24, k=10)
+    pb = point_biserial(score, correct, groups, n_boot=50)
+    assert set(pb.details) == {"n_correct", "bootstrap_se"} and pb.details["n_correct"] == correct.sum()
+    assert pb.method.endswith("p: two-sided z test of r = 0 with the bootstrap SE")
+    au = auroc(score, correct, groups, n_boot=50)
+    assert au.details == {"n_correct": correct.sum(), "n_wrong": (1 - correct).sum(),
+                          "bootstrap_se": au.details["bootstrap_se"]}
+    assert au.method.endswith("p: two-sided z test of AUROC = 0.5 with the bootstrap SE")
+    pa = paired_accuracy_change(correct, 1 - correct, groups, n_boot=50)
+    assert set(pa.details) == {"n_correct_to_wrong", "n_wrong_to_correct", "accuracy_before", "accuracy_after",
+                               "p_cluster_bootstrap", "bootstrap_se"}
+    assert pa.method.startswith("accuracy change (after - before); 95% CI")
+    assert "p: exact McNemar test on the discordant pairs (statsmodels)" in pa.method
+    z = pa.value / pa.details["bootstrap_se"]
+    assert pa.details["p_cluster_bootstrap"] == pytest.approx(2 * scipy.stats.norm.sf(abs(z)), rel=1e-9)
+    me = S.mean_estimate(score, groups, n_boot=50)
+    assert me.method.startswith("mean; 95% CI") and set(me.details) == {"bootstrap_se"}
+    assert me.details["bootstrap_se"] > 0 and me.p_value is None
+    for est in (pb, au, pa, me):
+        assert est.ci_low < est.value < est.ci_high
+
+
+def test_undefined_resamples_raise_no_numpy_warnings():
+    """Resamples with one class or a constant score are NaN by design: no divide/invalid warnings."""
+    score = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3, 0.5, 0.5])
+    correct = np.array([1, 1, 0, 0, 1, 0, 1, 1])
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for stat in STATISTICS.values():
+            stat(score, correct, groups, n_boot=200, seed=1)
+
+
+def test_estimate_serializes_every_field_and_nested_details():
+    details = {"k": np.int64(3), "x": np.nan, "flag": np.bool_(True), "nested": {"a": (1, np.float32(0.5))},
+               "arr": np.array([1.0, np.inf]), 7: [np.int32(2), None, "s"]}
+    est = Estimate(0.5, -np.inf, np.float64(0.75), "m", np.int64(12), 3, np.float64(0.25), details)
+    assert Estimate(0.5, 0.125, 0.75, "m", 1, 2).as_dict()["ci_low"] == 0.125
+    assert est.as_dict() == {
+        "value": 0.5, "ci_low": None, "ci_high": 0.75, "method": "m", "n": 12, "n_groups": 3, "p_value": 0.25,
+        "details": {"k": 3, "x": None, "flag": True, "nested": {"a": [1, 0.5]}, "arr": [1.0, None],
+                    "7": [2, None, "s"]},
+    }
+    assert type(est.as_dict()["details"]["flag"]) is bool and type(est.as_dict()["n"]) is int
+    assert est.defined and str(est) == "0.500 [-inf, 0.750] (n=12, 3 images)"
+    assert Estimate(math.nan, 0, 0, "m", 1, 2).as_dict()["p_value"] is None
+
+
+def _pseudo_data(seed=25, k=30):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(k), 4)
+    x = rng.normal(size=(groups.size, 2))
+    correct = (rng.random(groups.size) < 1 / (1 + np.exp(-2 * x[:, 0]))).astype(int)
+    return x, correct, groups
+
+
+def test_pseudo_r2_defaults_options_and_details():
+    x, correct, groups = _pseudo_data()
+    est = grouped_cv_pseudo_r2(x, correct, groups)
+    assert est.method == (
+        "McFadden pseudo-R^2, out of fold (5-fold StratifiedGroupKFold by image, seed 0; StandardScaler + "
+        "LogisticRegression); 95% CI: cluster bootstrap over images (1000 resamples, percentile, seed 0) of the "
+        "out-of-fold log-likelihoods (no refit)"
+    )
+    assert (est.n, est.n_groups, est.p_value) == (120, 30, None)
+    assert set(est.details) == {"folds", "n_features", "log_likelihood_model", "log_likelihood_null", "bootstrap_se"}
+    assert (est.details["folds"], est.details["n_features"]) == (5, 2) and est.details["bootstrap_se"] > 0
+    assert est.value == pytest.approx(1 - est.details["log_likelihood_model"] / est.details["log_likelihood_null"])
+    assert grouped_cv_pseudo_r2(x, correct, groups, folds=5, seed=0, n_boot=1000, confidence=0.95) == est
+    other = grouped_cv_pseudo_r2(x, correct, groups, seed=1, n_boot=60)
+    assert other.value != est.value and "seed 1;" in other.method and "(60 resamples, percentile, seed 1)" in other.method
+    three = grouped_cv_pseudo_r2(x[:, 0], correct, groups, folds=3, n_boot=60)
+    assert three.details["folds"] == 3 and three.details["n_features"] == 1 and "3-fold" in three.method
+    base = dict(n_boot=60, seed=2)
+    wide = grouped_cv_pseudo_r2(x, correct, groups, confidence=0.99, **base)
+    mid = grouped_cv_pseudo_r2(x, correct, groups, confidence=0.9, **base)
+    narrow = grouped_cv_pseudo_r2(x, correct, groups, confidence=0.5, **base)
+    assert wide.ci_low < mid.ci_low < narrow.ci_low < narrow.ci_high < mid.ci_high < wide.ci_high
+    assert grouped_cv_pseudo_r2(x, correct, groups, n_boot=60, seed=3, confidence=0.9).ci_low != mid.ci_low
+    assert grouped_cv_pseudo_r2(x, correct, groups, n_boot=61, seed=2, confidence=0.9).ci_low != mid.ci_low
+
+
+def test_pseudo_r2_does_not_depend_on_feature_scale():
+    """The features are standardised in each fold, so rescaling a feature changes nothing."""
+    x, correct, groups = _pseudo_data(26)
+    est = grouped_cv_pseudo_r2(x, correct, groups, n_boot=50)
+    scaled = grouped_cv_pseudo_r2(x * np.array([1000.0, 0.001]) + 5.0, correct, groups, n_boot=50)
+    assert scaled.value == pytest.approx(est.value, rel=1e-6)
+
+
+def test_pseudo_r2_undefined_forms():
+    x, correct, groups = _pseudo_data(27, k=6)
+    est = grouped_cv_pseudo_r2(x, np.ones_like(correct), groups)
+    assert (est.n, est.n_groups, est.details) == (24, 6, {"undefined": "correct is constant (1) over all 24 examples"})
+    assert est.method.startswith("McFadden pseudo-R^2, out of fold (5-fold") and math.isnan(est.ci_high)
+    # the only wrong answers are in one image: the training folds without it have one class only
+    lonely = np.ones_like(correct)
+    lonely[groups == 0] = 0
+    est = grouped_cv_pseudo_r2(x, lonely, groups, folds=3)
+    assert math.isnan(est.value) and (est.n, est.n_groups) == (24, 6)
+    assert est.details["folds"] == 3 and re.fullmatch(
+        r"training fold without fold \d has one class only", est.details["undefined"])
+    assert est.method.startswith("McFadden pseudo-R^2, out of fold (3-fold")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, c, g: grouped_cv_pseudo_r2(x[:, :, None], c, g), r"^features must be \(n_examples,\) or"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(np.where(x > 1.5, np.nan, x), c, g), r"^features has \d+ non-finite"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(x[:-1], c, g), r"^length mismatch: features has 119, correct has 120, groups has 120"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(x, c[:-1], g), r"^length mismatch: features has 120, correct has 119"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(x, c, g[:-1]), r"^length mismatch: .*groups has 119 rows"),
+        (lambda x, c, g: grouped_cv_pseudo_r2(x, c * 2, g), r"^correct must hold only 0/1"),
+        (lambda x, c, g: grouped_folds(c * 2, g), r"^correct must hold only 0/1"),
+        (lambda x, c, g: grouped_folds(c[:-1], g), r"^length mismatch: correct has 119, groups has 120 rows"),
+        (lambda x, c, g: grouped_folds(c, g, folds=1), r"^folds must be an integer >= 2; got 1"),
+        (lambda x, c, g: grouped_folds(c, g, folds=2.0), r"^folds must be an integer >= 2; got 2.0"),
+        (lambda x, c, g: grouped_folds(c, g, folds=True), r"^folds must be an integer >= 2; got True"),
+        (lambda x, c, g: grouped_folds(c, g, folds=31), r"^folds=31 needs at least 31 groups \(images\); got 30"),
+    ],
+)
+def test_pseudo_r2_and_folds_refuse_bad_inputs(call, message):
+    x, correct, groups = _pseudo_data()
+    with pytest.raises(ValueError, match=message):
+        call(x, correct, groups)
+
+
+def test_grouped_folds_accept_two_folds_and_one_image_per_fold():
+    x, correct, groups = _pseudo_data(28, k=6)
+    assert set(grouped_folds(correct, groups, folds=2)) == {0, 1}
+    assert set(grouped_folds(correct, groups, folds=6)) == set(range(6))
+    assert np.array_equal(grouped_folds(correct, groups, folds=np.int64(3)), grouped_folds(correct, groups, folds=3))
+
+
+def test_log_likelihood_clips_certain_predictions():
+    ll = S._bernoulli_ll(np.array([1, 0, 1, 0]), np.array([0.0, 1.0, 1.0, 0.0]))
+    assert ll == pytest.approx([math.log(1e-12), math.log(1e-12), math.log1p(-1e-12), math.log1p(-1e-12)])
+
+
+def test_z_test_p_is_none_without_a_finite_value_and_positive_se():
+    assert S._z_test_p(math.nan, 0.0, 0.1) is None and S._z_test_p(0.3, 0.0, math.inf) is None
+    assert S._z_test_p(0.3, 0.0, 0.0) is None and S._z_test_p(0.3, 0.0, -1.0) is None
+    assert S._z_test_p(0.5, 0.5, 0.1) == 1.0
+
+
+def test_scores_may_be_ints_or_bools():
+    score, correct, groups = clustered(29, k=12)
+    as_int = (score > 0).astype(int)
+    for stat in (point_biserial, auroc):
+        assert stat(as_int.astype(bool), correct, groups, n_boot=20) == stat(as_int.astype(float), correct, groups, n_boot=20)
+        assert stat(list(as_int), correct, groups, n_boot=20) == stat(as_int.astype(float), correct, groups, n_boot=20)
+    assert S.mean_estimate(as_int.astype(bool), groups, n_boot=20).value == pytest.approx(as_int.mean())
+
+
+def test_partially_undefined_replicates_give_the_quantiles_and_sd_of_the_rest():
+    # images 0 and 1 hold one class each, 2 and 3 both (with overlapping scores): replicates vary
+    score = np.array([0.9, 0.3, 0.1, 0.6, 0.7, 0.5, 0.4, 0.8, 0.2, 0.65])
+    correct = np.array([1, 1, 0, 0, 1, 0, 1, 0, 1, 0])
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3, 3, 2])
+    pairs, pos, neg = S._auroc_terms(score, correct, groups, 4)
+    for confidence in (0.95, 0.8):
+        ci = cluster_bootstrap(S._auroc_from_terms, [pairs, pos, neg], np.arange(4), n_boot=300, seed=2,
+                               confidence=confidence)
+        assert len(np.unique(ci.replicates[np.isfinite(ci.replicates)])) > 10
+        finite = ci.replicates[np.isfinite(ci.replicates)]
+        assert 0 < finite.size < 300
+        alpha = (1 - confidence) / 2
+        assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(finite, [alpha, 1 - alpha])), abs=1e-12)
+        assert ci.standard_error == pytest.approx(np.std(finite, ddof=1), rel=1e-12)
+    est = auroc(score, correct, groups, n_boot=300, seed=2)
+    undefined = int((~np.isfinite(ci.replicates)).sum())
+    assert est.method.startswith("AUROC (sklearn roc_auc_score, correct = positive); 95% CI: cluster bootstrap over "
+                                 f"images (300 resamples, percentile, seed 2), {undefined} undefined resamples dropped")
+
+
+def test_cluster_bootstrap_defaults_all_undefined_and_lengths():
+    values = np.array([1.0, 2.0, 3.0, 4.0])
+    groups = np.array([0, 0, 1, 1])
+    default = cluster_bootstrap(weighted_mean, [values], groups)
+    assert default.replicates.shape == (1000,)
+    np.testing.assert_array_equal(default.replicates, cluster_bootstrap(weighted_mean, [values], groups, n_boot=1000,
+                                                                        seed=0).replicates)
+    nothing = cluster_bootstrap(lambda v, weights: np.full(weights.shape[:-1], np.nan), [values], groups, n_boot=20)
+    assert math.isnan(nothing.low) and math.isnan(nothing.high) and math.isnan(nothing.standard_error)
+    with pytest.raises(ValueError, match=r"^length mismatch: groups has 4, arrays\[0\] has 3 rows"):
+        cluster_bootstrap(weighted_mean, [values[:3]], groups)
+
+
+def test_one_resample_two_examples_and_tiny_scores():
+    score, correct, groups = clustered(30, k=10)
+    import warnings
+
+    with warnings.catch_warnings():  # scipy's standard error of one replicate warns (ddof=1)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert point_biserial(score, correct, groups, n_boot=1).n == score.size  # n_boot=1 is allowed
+    pairs, pos, neg = S._auroc_terms(np.array([0.2, 0.8]), np.array([0, 1]), np.array([0, 1]), 2)
+    assert S._auroc_from_terms(pairs, pos, neg, np.array([1.0, 1.0])) == 1.0  # one pair: den = 1
+    # r and its interval do not depend on the score's scale (moments are standardised first)
+    big, tiny = point_biserial(score, correct, groups, n_boot=50), point_biserial(score * 1e-8, correct, groups, n_boot=50)
+    assert (tiny.value, tiny.ci_low, tiny.ci_high) == pytest.approx((big.value, big.ci_low, big.ci_high), rel=1e-6)
+
+
+def test_small_messages_and_defaults():
+    with pytest.raises(ValueError, match=r"found 2, 3, 4, 5, 6$"):  # the first five of six bad labels
+        auroc(np.arange(8.0), np.arange(8), np.arange(8))
+    with pytest.raises(ValueError, match=r"got 0$"):
+        auroc([], [], [])
+    _, correct, groups = clustered(31, k=12)
+    fold = grouped_folds(correct, groups)
+    assert set(fold) == set(range(5)) and np.array_equal(fold, grouped_folds(correct, groups, folds=5, seed=0))

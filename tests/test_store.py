@@ -394,6 +394,26 @@ def test_error_rows_are_counted_kept_and_excluded_by_default(tmp_path: Path) -> 
     assert everything.loc[1, "generated_text"] == "maybe"
 
 
+@pytest.mark.parametrize("chunk_size, n_errors_first", [(1, 0), (3, 2)])
+def test_first_ok_row_that_fills_a_chunk_keeps_its_arrays(tmp_path: Path, chunk_size: int, n_errors_first: int) -> None:
+    """The add that makes the buffer full commits the chunk: it must already know the array specs.
+
+    Found by the property test of the round trip: with chunk_size=1, or error rows filling a chunk
+    up to the first OK row, that chunk was committed with no array files and finalize failed.
+    """
+    ids = [f"e{i}" for i in range(4)]
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ids, chunk_size=chunk_size)
+    for i in range(4):
+        if i < n_errors_first:
+            writer.add_error(f"e{i}", "parse_failed")
+        else:
+            writer.add(*make_example(i, 3 + i))
+    store = writer.finalize()
+    assert store.n_ok == 4 - n_errors_first
+    for j, i in enumerate(range(n_errors_first, 4)):
+        np.testing.assert_array_equal(store.attention()[j, ..., : 3 + i], make_example(i, 3 + i)[1]["attention"])
+
+
 def test_stale_manifest_or_ids_raise(tmp_path: Path) -> None:
     ids = ["e0", "e1"]
     path = tmp_path / "s"

@@ -735,14 +735,25 @@ class StoreWriter:
             row[key] = _plain(value, f"{where} field {key!r}")
         return row
 
-    def _admit(self, row: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
-        """Check the row's types merge with earlier rows (fail at add, naming the field), then buffer."""
+    def _admit(
+        self,
+        row: dict[str, Any],
+        arrays: dict[str, np.ndarray] | None,
+        specs: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+    ) -> None:
+        """Check the row's types merge with earlier rows (fail at add, naming the field), then buffer.
+
+        ``specs`` (an OK row's array specs, already checked) are recorded before the buffer can fill:
+        the flush this row may trigger writes the arrays named there.
+        """
         schema = _row_schema(row, f"example {row[ID_COLUMN]!r}")
         try:
             merged = pa.unify_schemas([self._schema, schema], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise TypeError(f"example {row[ID_COLUMN]!r}: record types clash with earlier rows ({exc})") from exc
         self._schema = merged
+        if specs is not None:
+            self._array_specs = specs
         self._buffer.append((row, schema, arrays))
         self._done.add(row[ID_COLUMN])
         if row[ERROR_COLUMN] is not None:
@@ -781,8 +792,7 @@ class StoreWriter:
                 f"{where}: arrays {_describe_specs(specs)} do not match earlier examples' {_describe_specs(self._array_specs)}"
                 + (f" (only the last axis of {sorted(self._ragged)} may vary)" if self._ragged else "")
             )
-        self._admit(row, checked)
-        self._array_specs = specs
+        self._admit(row, checked, specs)
 
     def add_error(self, example_id: str, reason: str, record: Mapping[str, Any] | None = None) -> None:
         """Record an example that failed (no arrays); it is counted in ``summary()`` and kept in the table."""
