@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +37,20 @@ DISTINCT_SETTING = "distinct"
 LOCK_WAIT_SECONDS = 3600.0
 #: The embedded zoo, in the order the book reports it.
 ZOO_MODELS = ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No "Flattening the indices" bars from ``datasets`` (they filled every chapter's setup output)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def parse_settings(settings: str | Sequence[str]) -> tuple[str, ...]:
@@ -198,7 +213,8 @@ def open_or_extract(
     from vrp_utils.models.loading import fingerprint_files, load_model, resolve_model_dir
 
     model_fp = fingerprint_files(resolve_model_dir(model))
-    dataset_fp = dataset_fingerprint(dataset)
+    with _quiet_datasets():
+        dataset_fp = dataset_fingerprint(dataset)
     expect = {
         "model_fingerprint": model_fp,
         "dataset_fingerprint": dataset_fp,
@@ -252,7 +268,8 @@ def open_features(
         chosen = tuple(splits)
         if limit is not None:
             splits = {name: split.select(range(min(limit, len(split)))) for name, split in splits.items()}
-    dataset, membership = distinct_inputs(splits)
+    with _quiet_datasets():
+        dataset, membership = distinct_inputs(splits)
     model_dir = resolve_model_dir(model)
     model_type = read_model_type(model_dir)
     store = open_or_extract(model, dataset, extraction, root=root, extract_missing=extract_missing, progress=progress)
