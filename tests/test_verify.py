@@ -148,6 +148,19 @@ def test_quantity_without_a_rule_fails_and_update_refuses_it(dirs):
     assert "new_statistic" not in (reference / "01_attention.json").read_text()
 
 
+def test_update_refuses_a_compared_absolute_path(dirs, tmp_path):
+    """A checkout's absolute path in a compared quantity would fail every other clone's `make verify` (CI did)."""
+    results, reference = dirs
+    store = str(tmp_path / "data" / "features" / "abc__def")
+    _edit(results / "01_attention.json", lambda p: p["results"].update({"sample_store": store}))
+    out = io.StringIO()
+    assert verify.update(results, reference, out=out) == 1
+    assert "01_attention/results/sample_store" in out.getvalue() and "absolute path" in out.getvalue()
+    assert store not in (reference / "01_attention.json").read_text()
+    _edit(results / "01_attention.json", lambda p: p["results"].update({"sample_store": "abc__def"}))
+    assert verify.update(results, reference, out=io.StringIO()) == 0
+
+
 def test_update_records_provenance_and_says_what_changed(dirs, capsys):
     results, reference = dirs
     _edit(results / "01_attention.json", lambda p: p["results"]["zoo_accuracy"].update({"zoo-llava/random": 0.9}))
@@ -194,6 +207,7 @@ def test_committed_reference_is_complete_and_covered():
     assert stored, "results/reference/ holds no results: run `make reference`"
     uncovered = [name for name, value in stored.items() if verify.rule_for(name, value, rules) is None]
     assert not uncovered, uncovered
+    assert not verify.compared_absolute_paths(stored, rules), "a compared quantity names a checkout's path"
     ignored = subprocess.run(["git", "check-ignore", "-q", "results/reference/provenance.json"], cwd=REPO_ROOT)
     assert ignored.returncode == 1, "results/reference/ must not be git-ignored"
     assert yaml.safe_load((verify.TOLERANCES).read_text())["rules"]

@@ -204,6 +204,13 @@ def rule_for(name: str, value: Any, rules: list[Rule]) -> Rule | None:
     return None
 
 
+def compared_absolute_paths(named: dict[str, Any], rules: list[Rule]) -> list[str]:
+    """Quantities that hold an absolute path and are compared: they can only match in the same checkout."""
+    return sorted(name for name, value in named.items()
+                  if isinstance(value, str) and (value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value))
+                  and (rule := rule_for(name, value, rules)) is not None and rule.kind != "ignore")
+
+
 def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -349,6 +356,13 @@ def update(results_dir: Path = RESULTS_DIR, reference_dir: Path = REFERENCE_DIR,
             print(f"  {name} = {_show(new[name])}", file=out)
         if len(uncovered) > 40:
             print(f"  ... and {len(uncovered) - 40} more", file=out)
+        return 1
+    paths = compared_absolute_paths(new, rules)
+    if paths:
+        print(f"error: {len(paths)} compared quantities hold an absolute path, which differs per checkout; publish a "
+              f"name or a path relative to the data directory, or ignore them in {TOLERANCES.name} with a reason:", file=out)
+        for name in paths[:40]:
+            print(f"  {name} = {_show(new[name])}", file=out)
         return 1
     old = quantities(reference_dir) if results_files(reference_dir) else {}
     added = sorted(set(current) - set(results_files(reference_dir)))

@@ -82,7 +82,7 @@ def open_samples(features, pool: int, temperature: float, top_p: float, seed: in
     frame = greedy.merge(table[keep].rename(columns={"answer": "pool_greedy_answer"}), on="distinct_id", how="inner",
                          validate="one_to_one")
     frame["correct"] = frame["correct"].astype(bool)
-    frame.attrs["store"] = str(store.path)
+    frame.attrs["store"] = store.path.name  # the name, not the checkout-dependent absolute path
     return frame
 
 
