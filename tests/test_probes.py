@@ -250,6 +250,27 @@ def test_ablation_pass_through_the_engine_matches_a_direct_hooked_pass(llava_fea
     assert [table.loc[r["question_id"], "answer"] for r in rows] == [rec["answer"] for rec in direct.records]
 
 
+def test_ablation_sweep_pools_every_models_passes_and_does_not_depend_on_jobs(tiny_model_dir, tiny_benchmark, tmp_path):
+    """Two families' passes in one pool (2 workers) give the same table as one process, each model at its own layer."""
+    tables = []
+    for jobs in (1, 2):
+        root = tmp_path / f"jobs{jobs}"
+        features = {name: open_features(str(tiny_model_dir(name)), "all", root=root, benchmark_dir=tiny_benchmark, progress=False)
+                    for name in ("zoo-llava", "zoo-qwen2-vl")}
+        layers = {"zoo-llava": 0, "zoo-qwen2-vl": 1}
+        table, info = P.ablation_sweep(features, layers, "2,half", 1, n_boot=50, progress=False, jobs=jobs)
+        assert set(info) == set(features)
+        for name, f in features.items():
+            rows = table[table["model"] == f.model]
+            assert len(rows) == info[name]["passes"] == 3  # top-2, random-2, half
+            assert set(rows["layer"]) == {layers[name]} and set(rows["condition"]) == {"top", "random", "half"}
+            assert (rows[rows["condition"] == "half"]["k"] == info[name]["width"] // 2).all()
+        stores = sorted(p.name for p in root.iterdir() if p.is_dir())
+        assert len(stores) >= 2 + 6  # two base stores, six ablated passes
+        tables.append(table)
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
 def test_ablation_plan_top_random_half():
     weights = np.array([0.0, 0.5, 0.1, 0.9, 0.0, 0.3, 0.0, 0.0])
     plans = P.ablation_plan(weights, [2], draws=2, seed=0, half=True)

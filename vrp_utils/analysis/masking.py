@@ -30,6 +30,7 @@ from PIL import Image
 
 from vrp_utils.analysis.concentration import attention_maps, top_tokens
 from vrp_utils.analysis.geometry import object_boxes, pixel_mask, token_box_overlap
+from vrp_utils.analysis.parallel import side_by_side
 
 CONDITIONS = ("top", "random", "bottom", "box")
 SUBSETS = ("all", "positive", "negative")
@@ -223,13 +224,7 @@ def sweep(features: dict, conditions: Sequence[str], fractions: Sequence[float],
         maps = selection_map(f, layer)
         for condition, fraction in runs:
             tasks.append((f, condition, fraction, plan(f, condition, 0.5 if condition == "box" else fraction, layer, fill, seed, maps)))
-    arguments = [_pass_arguments(f, p, progress and jobs <= 1) for f, _, _, p in tasks]
-    if jobs > 1 and len(tasks) > 1:
-        from joblib import Parallel, delayed
-
-        paths = Parallel(n_jobs=min(jobs, len(tasks)))(delayed(_masked_pass_job)(*a) for a in arguments)
-    else:
-        paths = [_masked_pass_job(*a) for a in arguments]
+    paths = side_by_side(_masked_pass_job, [_pass_arguments(f, p, progress and jobs <= 1) for f, _, _, p in tasks], jobs)
     rows = []
     for (f, condition, fraction, mask_plan), path in zip(tasks, paths):
         masked = _masked_table(path)

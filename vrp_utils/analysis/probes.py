@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +63,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from vrp_utils.analysis.parallel import side_by_side
 from vrp_utils.analysis.stats import Estimate, auroc, auroc_difference, grouped_folds, paired_accuracy_change
 
 PROBES = ("l1", "mlp")
@@ -627,30 +628,34 @@ def _ablation_pass(model_dir: str, dataset, settings, root, layer: int, plan: di
     return open_or_extract(model_dir, dataset, settings, root=root, progress=progress, intervention=intervention).path
 
 
-def ablation_sweep(features, layer: int, ks: Sequence[int], draws: int = 1, *, position: str = "last_prompt", seed: int = 0,
-                   half: bool = True, n_boot: int = 1000, progress: bool = True, jobs: int = 1) -> tuple[pd.DataFrame, dict]:
-    """One greedy pass per planned ablation over the distinct inputs; accuracy change with CI and McNemar p.
+def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str | Sequence, draws: int = 1, *,
+                   position: str = "last_prompt", seed: int = 0, n_boot: int = 1000, progress: bool = True,
+                   jobs: int = 1) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """One greedy pass per planned ablation of every model in ``features`` (``{name: Features}``) at ``layers[name]``;
+    accuracy change with CI and McNemar p, and per model the probe's C and weight counts.
 
-    ``jobs`` passes run side by side (each in its own process, one torch thread; the stores are the same).
+    ``ablation_k`` is read against each model's width (:func:`parse_ablation`). The passes of all models run in
+    one pool of ``jobs`` processes (one torch thread each; the stores, hence the results, do not depend on it).
     """
     from vrp_utils.extract.engine import ExtractionSettings
     from vrp_utils.extract.store import FeatureStore
 
-    weights, strength = probe_weights(features, layer, position, seed)
-    distinct = features.distinct
-    before = distinct.set_index("distinct_id")
     # batch 64: same answers as the batch-16 pass (0 of 1,725 differ, zoo-llava), 2.4x less CPU
     settings = ExtractionSettings(attention=False, hidden=False, batch_size=64)
-    plans = ablation_plan(weights, ks, draws, seed, half)
-    args = [(str(features.model_dir), features.inputs, settings, features.store.path.parent, layer, plan, seed, progress) for plan in plans]
-    if jobs > 1 and len(plans) > 1:
-        from joblib import Parallel, delayed
-
-        paths = Parallel(n_jobs=min(jobs, len(plans)))(delayed(_ablation_pass)(*a) for a in args)
-    else:
-        paths = [_ablation_pass(*a) for a in args]
+    tasks, info = [], {}
+    for name, f in features.items():
+        weights, strength = probe_weights(f, layers[name], position, seed)
+        ks, half = parse_ablation(ablation_k, len(weights))
+        plans = ablation_plan(weights, ks, draws, seed, half)
+        info[name] = {"probe_C": strength, "nonzero_weights": int((weights > 0).sum()), "width": len(weights),
+                      "layer": layers[name], "passes": len(plans)}
+        tasks += [(name, plan) for plan in plans]
+    calls = [(str(features[name].model_dir), features[name].inputs, settings, features[name].store.path.parent, layers[name],
+              plan, seed, progress and jobs <= 1) for name, plan in tasks]
+    paths = side_by_side(_ablation_pass, calls, jobs)
     rows = []
-    for plan, path in zip(plans, paths):
+    for (name, plan), path in zip(tasks, paths):
+        before = features[name].distinct.set_index("distinct_id")
         store = FeatureStore.open(path)
         after = store.table().set_index("question_id")
         ids = before.index.intersection(after.index)
@@ -659,21 +664,39 @@ def ablation_sweep(features, layer: int, ks: Sequence[int], draws: int = 1, *, p
         flat = change.as_dict()
         details = flat.pop("details")
         yes_after = float((after.loc[ids, "parsed"] == "yes").mean())
-        rows.append({"model": features.model, "layer": layer, "position": position, **{k: v for k, v in plan.items() if k != "dims"},
+        rows.append({"model": features[name].model, "layer": layers[name], "position": position,
+                     **{k: v for k, v in plan.items() if k != "dims"},
                      "dims": ",".join(map(str, plan["dims"])), **flat, **details, "yes_ratio_after": yes_after,
                      "yes_ratio_before": float((before.loc[ids, "parsed"] == "yes").mean()), "n_error_rows": store.n_errors})
-    return pd.DataFrame.from_records(rows), {"probe_C": strength, "nonzero_weights": int((weights > 0).sum()), "width": len(weights)}
+    return pd.DataFrame.from_records(rows), info
 
 
-def untrained_store(features, seed: int = 0, progress: bool = True):
-    """The untrained twin's ``last_prompt`` states over the same distinct inputs (one prefill step, no attention)."""
+def _untrained_job(model_dir: str, dataset, root, seed: int, progress: bool):
+    """The untrained twin's store path (one torch thread: a worker process of its own when run side by side)."""
+    import torch
+
     from vrp_utils.extract.engine import ExtractionSettings
     from vrp_utils.extract.features import open_or_extract
     from vrp_utils.extract.untrained import untrained_twin
 
-    twin = untrained_twin(str(features.model_dir), seed)
-    return open_or_extract(str(twin), features.inputs, ExtractionSettings(max_new_tokens=1, attention=False, batch_size=64),
-                           root=features.store.path.parent, progress=progress)
+    torch.set_num_threads(1)
+    twin = untrained_twin(model_dir, seed)
+    return open_or_extract(str(twin), dataset, ExtractionSettings(max_new_tokens=1, attention=False, batch_size=64),
+                           root=root, progress=progress).path
+
+
+def untrained_stores(features: Mapping, seed: int = 0, progress: bool = True, jobs: int = 1) -> dict:
+    """Per model of ``{name: Features}``: the untrained twin's ``last_prompt`` states over the same distinct inputs
+    (one prefill step, no attention); ``jobs`` twins side by side."""
+    from vrp_utils.extract.store import FeatureStore
+
+    calls = [(str(f.model_dir), f.inputs, f.store.path.parent, seed, progress and jobs <= 1) for f in features.values()]
+    return {name: FeatureStore.open(path) for name, path in zip(features, side_by_side(_untrained_job, calls, jobs))}
+
+
+def untrained_store(features, seed: int = 0, progress: bool = True):
+    """The untrained twin's store for one model's ``features`` (see :func:`untrained_stores`)."""
+    return untrained_stores({features.model: features}, seed, progress)[features.model]
 
 
 @dataclass
