@@ -662,3 +662,29 @@ def test_small_messages_and_defaults():
     _, correct, groups = clustered(31, k=12)
     fold = grouped_folds(correct, groups)
     assert set(fold) == set(range(5)) and np.array_equal(fold, grouped_folds(correct, groups, folds=5, seed=0))
+
+
+def test_bootstrap_of_several_outputs_equals_each_output_alone():
+    """One resampling for statistics computed together (AURC and accuracy at coverage): same CIs as one by one."""
+    rng = np.random.default_rng(11)
+    groups = rng.integers(0, 30, 240)
+    x = rng.normal(size=240)
+
+    def mean(x, weights):
+        return (weights * x).sum(-1) / weights.sum(-1)
+
+    def undefined_above(x, weights):  # NaN in some resamples: dropped per output
+        value = mean(x, weights)
+        return np.where(value > 0.05, np.nan, value)
+
+    both = S.cluster_bootstrap_outputs(lambda x, weights: (mean(x, weights), undefined_above(x, weights)), 2, [x], groups,
+                                           n_boot=400, seed=4)
+    for ci, alone in zip(both, (mean, undefined_above)):
+        single = S.cluster_bootstrap(alone, [x], groups, n_boot=400, seed=4)
+        assert (ci.low, ci.high, ci.standard_error) == (single.low, single.high, single.standard_error)
+        np.testing.assert_array_equal(ci.replicates, single.replicates)
+    assert np.isnan(both[1].replicates).any() and not np.isnan(both[0].replicates).any()
+    with pytest.raises(ValueError, match="returned 1 outputs; expected 2"):
+        S.cluster_bootstrap_outputs(lambda x, weights: (mean(x, weights),), 2, [x], groups, n_boot=50)
+    with pytest.raises(ValueError, match="n_outputs"):
+        S.cluster_bootstrap_outputs(lambda x, weights: (), 0, [x], groups, n_boot=50)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.special
 
-from vrp_utils.analysis.stats import Estimate, auroc, cluster_bootstrap, grouped_folds, point_biserial
+from vrp_utils.analysis.stats import Estimate, auroc, cluster_bootstrap_outputs, grouped_folds, point_biserial
 
 SAMPLING = {"pool": 20, "k": 10, "temperature": 0.7, "top_p": 0.9, "seed": 0}
 ATTENTION_METRICS = {"entropy": -1, "entropy_norm": -1, "ck_text": -1, "ck_dbscan": -1, "top10_mass": +1, "gini": +1}
@@ -274,9 +274,10 @@ def risk_coverage_estimates(score, correct, groups, coverage: float = 0.8, n_boo
     values = risk_coverage(score, y, coverage)
     n, k = len(y), len(np.unique(groups))
     out = {}
-    for index, key in enumerate(("aurc", "accuracy_at_coverage")):
-        ci = cluster_bootstrap(lambda weights: _rc_from_blocks(y, order, starts, weights, coverage)[index], [], groups,
-                               n_boot=n_boot, seed=seed)
+    # both from one resampling (each CI equals its own bootstrap with this seed; half the work)
+    cis = cluster_bootstrap_outputs(lambda weights: _rc_from_blocks(y, order, starts, weights, coverage), 2, [], groups,
+                                    n_boot=n_boot, seed=seed)
+    for key, ci in zip(("aurc", "accuracy_at_coverage"), cis):
         method = (f"{key} (ties averaged over random orders); 95% CI: cluster bootstrap over images, {n_boot} resamples")
         out[key] = Estimate(values[key], ci.low, ci.high, method, n, k, None, {"coverage": coverage})
     return out

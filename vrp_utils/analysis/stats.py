@@ -48,6 +48,7 @@ __all__ = [
     "auroc",
     "auroc_difference",
     "cluster_bootstrap",
+    "cluster_bootstrap_outputs",
     "grouped_cv_pseudo_r2",
     "grouped_folds",
     "holm",
@@ -220,7 +221,26 @@ def cluster_bootstrap(
     (``rng=np.random.default_rng(seed)``, method "percentile"). Undefined replicates are dropped from
     the interval and the SE (the caller reports how many); all undefined gives NaN.
     """
+    return cluster_bootstrap_outputs(lambda *a, weights: (statistic(*a, weights=weights),), 1, arrays, groups,
+                                     n_boot=n_boot, seed=seed, confidence=confidence)[0]
+
+
+def cluster_bootstrap_outputs(
+    statistic: Callable[..., Sequence[np.ndarray]],
+    n_outputs: int,
+    arrays: Sequence[Any],
+    groups: Any,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[BootstrapCI]:
+    """:func:`cluster_bootstrap` of a statistic with ``n_outputs`` values computed together (a sequence of
+    ``n_outputs`` arrays of shape ``(...)``): one resampling, one CI per output, each the same as
+    :func:`cluster_bootstrap` of that output alone with the same seed (the draws do not depend on the outputs)."""
     _check_bootstrap_options(n_boot, confidence)
+    if not isinstance(n_outputs, int) or n_outputs < 1:
+        raise ValueError(f"n_outputs must be an integer >= 1; got {n_outputs!r}")
     codes, k = _group_codes(groups)
     arrays = [np.asarray(a) for a in arrays]
     _check_lengths(groups=codes, **{f"arrays[{i}]": a for i, a in enumerate(arrays)})
@@ -232,7 +252,10 @@ def cluster_bootstrap(
         offsets = (np.arange(flat.shape[0]) * k)[:, None]
         counts = np.bincount((flat + offsets).ravel(), minlength=flat.shape[0] * k).reshape(-1, k)
         weights = counts.astype(float)[:, codes]
-        return np.asarray(statistic(*arrays, weights=weights), dtype=float).reshape(batch_shape)
+        values = statistic(*arrays, weights=weights)
+        if len(values) != n_outputs:
+            raise ValueError(f"the statistic returned {len(values)} outputs; expected {n_outputs}")
+        return np.stack([np.asarray(v, dtype=float).reshape(batch_shape) for v in values])
 
     batch = max(1, _MAX_WEIGHT_CELLS // max(1, codes.size))
     with warnings.catch_warnings():
@@ -248,18 +271,21 @@ def cluster_bootstrap(
             confidence_level=confidence,
             rng=np.random.default_rng(seed),
         )
-    reps = np.asarray(res.bootstrap_distribution, dtype=float)
-    finite = np.isfinite(reps)
-    if finite.all():
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        se = float(res.standard_error)
-    elif finite.any():
-        alpha = (1.0 - confidence) / 2.0
-        low, high = (float(q) for q in scipy.stats.quantile(reps[finite], [alpha, 1.0 - alpha]))
-        se = float(np.std(reps[finite], ddof=1)) if finite.sum() > 1 else math.nan
-    else:
-        low = high = se = math.nan
-    return BootstrapCI(low, high, se, reps)
+    out = []
+    for i in range(n_outputs):
+        reps = np.asarray(res.bootstrap_distribution, dtype=float)[i]
+        finite = np.isfinite(reps)
+        if finite.all():
+            low, high = float(res.confidence_interval.low[i]), float(res.confidence_interval.high[i])
+            se = float(res.standard_error[i])
+        elif finite.any():
+            alpha = (1.0 - confidence) / 2.0
+            low, high = (float(q) for q in scipy.stats.quantile(reps[finite], [alpha, 1.0 - alpha]))
+            se = float(np.std(reps[finite], ddof=1)) if finite.sum() > 1 else math.nan
+        else:
+            low = high = se = math.nan
+        out.append(BootstrapCI(low, high, se, reps))
+    return out
 
 
 def _bootstrap_text(n_boot: int, seed: int, confidence: float, ci: BootstrapCI) -> str:
