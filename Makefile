@@ -68,10 +68,11 @@ models: $(ZOO)
 $(ZOO): $(STAMP)/venv $(BENCHMARK) $(ZOO_SRC)
 	$(PY) -m vrp_utils.models.zoo build --jobs 3
 
-# Each zoo model extracted once over the distinct inputs of the three settings, side by side.
+# Each zoo model extracted once over the distinct inputs of the three settings, side by side, then
+# its sample pool for chapter 04 in the same worker (its defaults; a test checks they agree).
 features: $(FEATURES)
 $(FEATURES): $(STAMP)/venv $(ZOO) $(FEATURE_SRC)
-	$(PY) -m vrp_utils.extract.features --jobs 3 --index $@
+	$(PY) -m vrp_utils.extract.features --jobs 3 --sample-pool 20 --temperature 0.7 --top-p 0.9 --sample-seed 0 --index $@
 
 baselines: $(BASELINES)
 $(BASELINES): $(STAMP)/venv $(BENCHMARK) $(DATA_SRC)

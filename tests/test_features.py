@@ -109,3 +109,46 @@ def test_cli_builds_and_reports(tiny_model_dir, tiny_data_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vrp_utils.extract.features", "--settings", "hard", "--out", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and "unknown setting" in bad.stderr
+
+
+def test_features_build_extracts_the_sample_pool_the_chapter_opens(tiny_model_dir, tiny_benchmark, tmp_path, capsys):
+    """`make features --sample-pool` extracts exactly the pool chapter 04 asks for: the chapter then extracts nothing."""
+    import json
+
+    from vrp_utils.analysis import consistency
+    from vrp_utils.extract import features as F
+
+    model = str(tiny_model_dir("zoo-llava"))
+    built = F.build_features([model], ["random"], 1, tmp_path, tiny_benchmark, progress=False,
+                             sample_pool={"pool": 3, "temperature": 0.7, "top_p": 0.9, "seed": 0})
+    pool = built[0]["sample_pool"]
+    assert pool["summary"]["n_ok"] == built[0]["summary"]["n_ok"] and pool["settings"]["pool"] == 3
+    features = {"m": open_features(model, "random", root=tmp_path, benchmark_dir=tiny_benchmark, progress=False)}
+    assert consistency.missing_pools(features, 3, 0.7, 0.9, 0) == []
+    assert consistency.missing_pools(features, 3, 0.8, 0.9, 0) == ["m"]  # another temperature is another pool
+    samples = consistency.open_samples(features["m"], 3, 0.7, 0.9, 0, progress=False)
+    assert samples.attrs["store"] == Path(pool["store"]).name and samples["sample_parsed"].map(len).eq(3).all()
+    with pytest.raises(ValueError):
+        F.build_features([model], ["random"], 1, tmp_path, tiny_benchmark, sample_pool={"pool": 3, "temperature": -1.0,
+                                                                                         "top_p": 0.9, "seed": 0})
+    with pytest.raises(SystemExit):
+        F.main(["--models", model, "--settings", "random", "--out", str(tmp_path), "--sample-pool", "-2"])
+    assert "--sample-pool must be >= 0" in capsys.readouterr().err
+    json.dumps(built)  # the index is JSON
+
+
+def test_makefile_pool_flags_are_the_self_consistency_chapter_defaults():
+    """The pool `make features` builds is the one chapter 04 reads with its default parameters."""
+    import re
+    import shlex
+
+    from vrp_utils.paths import REPO_ROOT
+    from vrp_utils.run import notebook_parameters, read_notebook
+
+    line = next(line for line in (REPO_ROOT / "Makefile").read_text().splitlines() if "vrp_utils.extract.features" in line)
+    words = shlex.split(line.strip())
+    flags = {words[i]: words[i + 1] for i, w in enumerate(words[:-1]) if re.fullmatch(r"--[a-z-]+", w)}
+    defaults = {n: p.default for n, p in notebook_parameters(read_notebook(REPO_ROOT / "notebooks" / "04_self_consistency.md")).items()}
+    assert int(flags["--sample-pool"]) == defaults["pool"]
+    assert float(flags["--temperature"]) == defaults["temperature"] and float(flags["--top-p"]) == defaults["top_p"]
+    assert int(flags["--sample-seed"]) == defaults["seed"]

@@ -62,11 +62,10 @@ def parse_k_sweep(text: str | Sequence[int]) -> list[int]:
 
 
 def pool_settings(pool: int, temperature: float, top_p: float, seed: int = 0, batch_size: int = 16):
-    """The engine settings of one sample pool (answers only)."""
-    from vrp_utils.extract.engine import ExtractionSettings
+    """The engine settings of one sample pool (answers only): the same definition `make features` extracts with."""
+    from vrp_utils.extract.features import sample_pool_settings
 
-    return ExtractionSettings(attention=False, hidden=False, samples=int(pool), temperature=float(temperature),
-                              top_p=float(top_p), seed=int(seed), batch_size=batch_size)
+    return sample_pool_settings(pool, temperature, top_p, seed, batch_size)
 
 
 def open_samples(features, pool: int, temperature: float, top_p: float, seed: int = 0, progress: bool = True) -> pd.DataFrame:
