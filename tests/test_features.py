@@ -152,3 +152,19 @@ def test_makefile_pool_flags_are_the_self_consistency_chapter_defaults():
     assert int(flags["--sample-pool"]) == defaults["pool"]
     assert float(flags["--temperature"]) == defaults["temperature"] and float(flags["--top-p"]) == defaults["top_p"]
     assert int(flags["--sample-seed"]) == defaults["seed"]
+
+
+def test_benchmark_settings_are_read_once_until_their_files_change(tiny_benchmark, tmp_path):
+    import shutil
+
+    from vrp_utils.extract.features import benchmark_splits
+
+    root = tmp_path / "bench"
+    shutil.copytree(tiny_benchmark, root)
+    first = benchmark_splits(["random"], benchmark_dir=root)["random"]
+    assert benchmark_splits(["random"], benchmark_dir=root)["random"] is first  # cached: same object
+    path = root / "pope_random.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))  # a rebuilt benchmark: one question fewer
+    again = benchmark_splits(["random"], benchmark_dir=root)["random"]
+    assert again is not first and len(again) == len(first) - 1

@@ -14,6 +14,7 @@ directory or hub model passed as a notebook parameter works without a separate s
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -114,15 +115,34 @@ def distinct_inputs(splits: Mapping[str, Any]) -> tuple[Any, pd.DataFrame]:
     return dataset, pd.DataFrame.from_records(records)
 
 
-def benchmark_splits(settings: Sequence[str], limit: int | None = None, benchmark_dir: Path = BENCHMARK_DIR) -> dict[str, Any]:
-    """The embedded benchmark's settings, each cut to its first ``limit`` questions."""
+def _file_state(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=16)
+def _load_setting(setting: str, benchmark_dir: Path, state: tuple) -> Any:
     from vrp_utils.data.pope import load_benchmark
 
+    return load_benchmark(setting, benchmark_dir)
+
+
+def benchmark_splits(settings: Sequence[str], limit: int | None = None, benchmark_dir: Path = BENCHMARK_DIR) -> dict[str, Any]:
+    """The embedded benchmark's settings, each cut to its first ``limit`` questions.
+
+    A setting is read once per process while its files are unchanged (a chapter opens three models over the
+    same questions; a rebuilt benchmark changes the files' size or time and is read again).
+    """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be None (all questions) or >= 1, got {limit}")
     splits = {}
+    root = Path(benchmark_dir).resolve()
     for setting in settings:
-        split = load_benchmark(setting, benchmark_dir)
+        files = (root / f"pope_{setting}.jsonl", root / "boxes.jsonl", root / "images")
+        split = _load_setting(setting, root, tuple(_file_state(f) for f in files))
         splits[setting] = split.select(range(min(limit, len(split)))) if limit is not None else split
     return splits
 
