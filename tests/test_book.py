@@ -229,6 +229,30 @@ def test_built_book_renders_offline_with_maths(page, tmp_path):
             if not img["src"].startswith("data:"):
                 file = (path.parent / unquote(img["src"])).resolve()
                 assert file.stat().st_size > 1000, f"{page}: figure {img['src']} is nearly empty"
+        _check_opening_answer(Path(page).stem, static)
+    for img in parsed.images:  # every image of every page: a description, not its file name (docutils' default)
+        alt = img.get("alt", "").strip()
+        name = Path(unquote(urlparse(img["src"]).path)).name
+        assert alt and name not in alt and not re.fullmatch(r"\S+\.(png|jpe?g|svg|gif)", alt), \
+            f"{page}: image {img['src'][:80]} has no alt text describing it (alt={alt!r})"
+
+
+def _check_opening_answer(name: str, html: str) -> None:
+    """The chapter's first paragraph under its title is its answer, with the numbers ``vrp_utils.answers`` writes
+    from the chapter's ``results/<name>.json`` (the file `make verify` checks), in the same order."""
+    from html import unescape
+
+    from vrp_utils.answers import answer
+    from vrp_utils.paths import RESULTS_DIR
+
+    after_title = html.split("</h1>", 1)[1]
+    first = re.search(r"<p>(.*?)</p>", after_title, re.DOTALL)
+    assert first, f"{name}: no paragraph under the title"
+    shown = unescape(re.sub(r"<[^>]+>", "", first.group(1)))
+    assert shown.startswith("The answer in this build."), f"{name}: the chapter does not open with its answer: {shown[:120]!r}"
+    expected = answer(name, json.loads((RESULTS_DIR / f"{name}.json").read_text())["results"])
+    numbers = lambda text: re.findall(r"[-+−]?\d[\d,]*(?:\.\d+)?%?", text)  # noqa: E731
+    assert numbers(shown) == numbers(expected), f"{name}: the opening paragraph's numbers are not its results file's"
 
 
 @pytest.mark.built
@@ -250,3 +274,19 @@ def test_screenshots_of_the_introduction_and_an_analysis_chapter(tmp_path):
             colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
             assert colours is None or len(colours) > 50, f"the screenshot of {page} is (nearly) blank"
         print(f"screenshot of {page}: {out}")
+
+
+# -- Alt text on every figure -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO_ROOT / "notebooks").glob("*.md")))
+def test_every_figure_cell_declares_its_alt_text(name):
+    """A code cell that shows a figure carries myst-nb's image option ``alt`` (cell metadata ``mystnb.image.alt``),
+    a description of what the figure shows: a sentence, not a file name."""
+    from vrp_utils import run
+
+    notebook = run.read_notebook(REPO_ROOT / "notebooks" / f"{name}.md")
+    figures = [c for c in notebook.cells if c.cell_type == "code" and "plt.show()" in c.source]
+    for cell in figures:
+        alt = ((cell.metadata.get("mystnb") or {}).get("image") or {}).get("alt", "")
+        assert len(alt.split()) >= 12, f"{name}: a figure cell without a real alt text: {cell.source[:80]!r}"
