@@ -229,6 +229,30 @@ def test_built_book_renders_offline_with_maths(page, tmp_path):
             if not img["src"].startswith("data:"):
                 file = (path.parent / unquote(img["src"])).resolve()
                 assert file.stat().st_size > 1000, f"{page}: figure {img['src']} is nearly empty"
+        _check_opening_answer(Path(page).stem, static)
+    for img in parsed.images:  # every image of every page: a description, not its file name (docutils' default)
+        alt = img.get("alt", "").strip()
+        name = Path(unquote(urlparse(img["src"]).path)).name
+        assert alt and name not in alt and not re.fullmatch(r"\S+\.(png|jpe?g|svg|gif)", alt), \
+            f"{page}: image {img['src'][:80]} has no alt text describing it (alt={alt!r})"
+
+
+def _check_opening_answer(name: str, html: str) -> None:
+    """The chapter's first paragraph under its title is its answer, with the numbers ``vrp_utils.answers`` writes
+    from the chapter's ``results/<name>.json`` (the file `make verify` checks), in the same order."""
+    from html import unescape
+
+    from vrp_utils.answers import answer
+    from vrp_utils.paths import RESULTS_DIR
+
+    after_title = html.split("</h1>", 1)[1]
+    first = re.search(r"<p>(.*?)</p>", after_title, re.DOTALL)
+    assert first, f"{name}: no paragraph under the title"
+    shown = unescape(re.sub(r"<[^>]+>", "", first.group(1)))
+    assert shown.startswith("The answer in this build."), f"{name}: the chapter does not open with its answer: {shown[:120]!r}"
+    expected = answer(name, json.loads((RESULTS_DIR / f"{name}.json").read_text())["results"])
+    numbers = lambda text: re.findall(r"[-+−]?\d[\d,]*(?:\.\d+)?%?", text)  # noqa: E731
+    assert numbers(shown) == numbers(expected), f"{name}: the opening paragraph's numbers are not its results file's"
 
 
 @pytest.mark.built
@@ -250,3 +274,99 @@ def test_screenshots_of_the_introduction_and_an_analysis_chapter(tmp_path):
             colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
             assert colours is None or len(colours) > 50, f"the screenshot of {page} is (nearly) blank"
         print(f"screenshot of {page}: {out}")
+
+
+# -- Re-run commands: what the chapters, the re-run page and the README tell a reader to type --------
+
+RUN_COMMAND = re.compile(r"python -m vrp_utils\.run\s+(.*)")
+
+
+def _run_commands(text: str) -> list[list[str]]:
+    """The arguments of every ``python -m vrp_utils.run ...`` command in ``text``: the lines of its fenced code
+    blocks (comments dropped, continued lines joined) and its inline code spans."""
+    import shlex
+
+    fences = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+    lines = [line for block in fences for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
+    lines += re.findall(r"`([^`\n]+)`", prose)
+    return [shlex.split(m.group(1), comments=True) for line in lines if (m := RUN_COMMAND.search(line))]
+
+
+def _run_command_problems(args: list[str]) -> list[str]:
+    """Why the runner would refuse ``args`` (no notebook, an unknown flag, a parameter the notebook lacks or a value
+    its default's type refuses); empty when it would accept them."""
+    from vrp_utils import run
+
+    try:
+        parsed = run._parse_args(args)
+    except SystemExit:
+        return [f"the runner's options refuse {args}"]
+    try:
+        source = run.resolve_notebook(parsed.notebook)
+    except FileNotFoundError as error:
+        return [str(error)]
+    given = {}
+    for name, value in parsed.parameter:
+        if name in given:
+            return [f"{args}: parameter {name!r} given twice"]
+        given[name] = value
+    try:
+        run.check_parameters(run.read_notebook(source), given, source.stem)
+    except run.NotebookParameterError as error:
+        return [f"{args}: {error}"]
+    return []
+
+
+def _rerun_section(text: str) -> str | None:
+    match = re.search(r"^## Re-run it\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    return match.group(1) if match else None
+
+
+def test_the_rerun_check_catches_a_parameter_the_notebook_lacks():
+    """The check below on a command it must refuse (so that it can fail)."""
+    (bad,) = _run_commands("```bash\npython -m vrp_utils.run 01_attention -p no_such_thing 3   # a comment\n```\n")
+    assert bad == ["01_attention", "-p", "no_such_thing", "3"]
+    assert "no parameter named 'no_such_thing'" in " ".join(_run_command_problems(bad))
+    assert "expects an int" in " ".join(_run_command_problems(["01_attention", "-p", "n_boot", "many"]))
+    assert "not found" in " ".join(_run_command_problems(["99_nothing", "-p", "seed", "1"]))
+    assert _run_command_problems(["01_attention", "-p", "n_boot", "2000", "--into-book"]) == []
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO_ROOT / "notebooks").glob("*.md")))
+def test_each_chapter_ends_with_rerun_commands_the_runner_accepts(name):
+    """Each chapter closes with "Re-run it": commands with new parameters, every parameter one that the
+    notebook's parameters cell has, with a value of its type, and the command naming this chapter."""
+    text = (REPO_ROOT / "notebooks" / f"{name}.md").read_text()
+    section = _rerun_section(text)
+    assert section is not None, f"{name}: no '## Re-run it' section"
+    assert text.rstrip().endswith(section.rstrip()), f"{name}: 'Re-run it' is not the chapter's last section"
+    commands = _run_commands(section)
+    assert any("-p" in c for c in commands), f"{name}: 'Re-run it' shows no command with a parameter"
+    for args in commands:
+        assert args[0] == name, f"{name}: its 'Re-run it' runs {args[0]}"
+        assert not _run_command_problems(args), _run_command_problems(args)
+
+
+@pytest.mark.parametrize("page", ["book/rerun.md", "README.md"])
+def test_rerun_commands_of_the_book_and_readme_are_accepted(page):
+    commands = _run_commands((REPO_ROOT / page).read_text())
+    assert commands, f"{page} shows no runner command"
+    problems = [p for args in commands for p in _run_command_problems(args)]
+    assert not problems, problems
+
+
+# -- Alt text on every figure -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO_ROOT / "notebooks").glob("*.md")))
+def test_every_figure_cell_declares_its_alt_text(name):
+    """A code cell that shows a figure carries myst-nb's image option ``alt`` (cell metadata ``mystnb.image.alt``),
+    a description of what the figure shows: a sentence, not a file name."""
+    from vrp_utils import run
+
+    notebook = run.read_notebook(REPO_ROOT / "notebooks" / f"{name}.md")
+    figures = [c for c in notebook.cells if c.cell_type == "code" and "plt.show()" in c.source]
+    for cell in figures:
+        alt = ((cell.metadata.get("mystnb") or {}).get("image") or {}).get("alt", "")
+        assert len(alt.split()) >= 12, f"{name}: a figure cell without a real alt text: {cell.source[:80]!r}"

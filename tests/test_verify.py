@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -224,3 +225,57 @@ def test_update_summarises_a_new_or_removed_results_file(dirs, capsys):
     assert verify.update(results, reference) == 0
     assert "removed from the reference: 02_masking" in capsys.readouterr().out
     assert not (reference / "02_masking.json").exists()
+
+
+def test_a_changed_default_shows_on_the_status_page_and_fails_verify_until_reference(tmp_path):
+    """The promise of issue 15, end to end on a tiny real notebook and the committed tolerance rules: change one
+    parameter default and re-run; the status page shows the new default, `make verify` (``check``) fails naming
+    the parameter and the number it moved, the status page then shows that failure, and only `make reference`
+    (``update``) makes verify pass again."""
+    from vrp_utils import book, run
+
+    results, reference, generated = tmp_path / "results", tmp_path / "reference", tmp_path / "generated"
+    reference.mkdir()
+    # The committed rules, and one for the two fields that hold this temporary checkout's absolute paths (in the
+    # book they are relative to the repository: notebooks/..., book/generated/...).
+    rules = yaml.safe_load(verify.TOLERANCES.read_text())
+    rules["rules"][:0] = [{"match": f"demo_chapter/{key}", "ignore": True, "why": "a tmp path"} for key in ("source", "executed_notebook")]
+    (reference / "tolerances.yml").write_text(yaml.safe_dump(rules))
+    header = ("---\njupytext:\n  text_representation: {extension: .md, format_name: myst, format_version: 0.13}\n"
+              "kernelspec: {name: python3, display_name: Python 3, language: python}\n---\n\n")
+    notebook = tmp_path / "demo_chapter.md"
+
+    def run_with_default(n: int) -> None:
+        notebook.write_text(header + f"```{{code-cell}}\n:tags: [parameters]\n\nn = {n}  # an analysis parameter\n```\n\n"
+                            "```{code-cell}\nfrom vrp_utils.results import publish\npublish({'total': sum(range(n))})\n```\n")
+        run.execute(notebook, {}, output_dir=generated, results_dir=results, progress=False)
+
+    def status() -> str:
+        return book.write_status(results, tmp_path / "status.md", benchmarks_dir=tmp_path / "none",
+                                 verify_summary=results / "verify" / "summary.json").read_text()
+
+    def check() -> tuple[int, str]:
+        out = io.StringIO()
+        return verify.check(results, reference, summary=results / "verify" / "summary.json", out=out), out.getvalue()
+
+    run_with_default(4)
+    assert verify.update(results, reference, out=io.StringIO()) == 0
+    assert check()[0] == 0
+    assert "n = 4" in status() and "**passed**" in status()
+
+    run_with_default(5)  # the changed default, re-run as `make` re-runs a changed notebook
+    page = status()
+    assert "n = 5" in page and "n = 4" not in page
+    assert "| demo_chapter |" in page and "none (defaults)" in page  # a default run, not an override
+    assert "Results changed since that check (demo_chapter)" in page  # the earlier pass no longer vouches for it
+    code, out = check()
+    assert code == 1
+    assert re.search(r"demo_chapter/parameters/n\s+4\s+5\s+exact", out), out
+    assert re.search(r"demo_chapter/results/total\s+6\s+10\s+exact", out), out
+    page = status()
+    assert "**failed** (2 quantities)" in page and "| `demo_chapter/parameters/n` | 4 | 5 | exact |" in page
+    assert check()[0] == 1  # still failing: nothing but `make reference` changes the reference
+
+    assert verify.update(results, reference, out=io.StringIO()) == 0
+    assert check()[0] == 0
+    assert "**passed**" in status() and "n = 5" in status()

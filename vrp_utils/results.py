@@ -39,13 +39,25 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"result value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
 
 
+#: Everything :func:`publish` attached in this process (the running notebook's kernel), merged as the runner
+#: merges it into ``results/<notebook>.json``.
+_PUBLISHED: dict[str, Any] = {}
+
+
 def publish(results: dict[str, Any]) -> None:
     """Attach ``results`` to the running notebook's outputs (picked up by the runner)."""
     from IPython.display import display
 
     payload = _jsonable(results)
     json.dumps(payload)  # fail here, in the notebook, if it cannot be written
+    _PUBLISHED.update(json.loads(json.dumps(payload)))
     display({RESULTS_MIMETYPE: payload, "text/plain": f"<{len(payload)} results published>"}, raw=True)
+
+
+def published() -> dict[str, Any]:
+    """A copy of what this notebook has published so far, as the runner will write it (later keys win): what a
+    chapter's opening paragraph is written from (:mod:`vrp_utils.answers`), so prose and file cannot disagree."""
+    return json.loads(json.dumps(_PUBLISHED))
 
 
 def publish_inputs(**kinds: dict[str, str]) -> None:

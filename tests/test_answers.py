@@ -1,0 +1,241 @@
+"""Each chapter's opening paragraph (vrp_utils/answers.py): its numbers are the published ones, its wording
+follows them both ways, and every chapter glues it at its top from what it published.
+
+- per chapter, small hand-made results where the judgement goes one way and then the other: the
+  wording changes with the numbers ("includes 0" / "excludes 0", "all 3" / "1 of 3"), and the quoted
+  numbers are the given ones;
+- every notebook opens with the ``{glue:md}`` directive right under its title and ends by gluing
+  ``answer("<its own name>", published())`` after its last ``publish``;
+- ``published()`` returns what the runner writes into ``results/<notebook>.json`` (a real kernel);
+- on a built book, each chapter's results file gives a paragraph (the chapters' real keys).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vrp_utils import answers, run
+from vrp_utils.paths import NOTEBOOKS_DIR, RESULTS_DIR
+
+MODELS = ["m-a", "m-b"]
+
+
+def est(value, low, high, **keys):
+    return {"value": value, "ci_low": low, "ci_high": high, "n": 100, **keys}
+
+
+# -- 00 --------------------------------------------------------------------------------------------
+
+
+def zoo(a_random=0.8, b_random=0.75):
+    accuracy = {"m-a/random": a_random, "m-a/adversarial": 0.72, "m-b/random": b_random, "m-b/adversarial": 0.71}
+    baselines = {"always_yes/random": 0.5, "always_yes/adversarial": 0.5, "text_only/random": 0.55, "text_only/adversarial": 0.6}
+    return {"zoo_accuracy": accuracy, "baselines": baselines, "benchmark_questions": {"random": 1080, "adversarial": 1080}}
+
+
+def test_benchmark_and_zoo_answer_counts_the_models_in_target_and_the_margin():
+    text = answers.benchmark_and_zoo(zoo())
+    assert "All 2 zoo models reach" in text and "m-a 80.0%, m-b 75.0%" in text
+    assert "by at least 11.0 points" in text and "m-b on adversarial (71.0%)" in text
+    low = answers.benchmark_and_zoo(zoo(b_random=0.52))
+    assert "1 of 2 zoo models reaches" in low and "Not every model beats the best shortcut baseline" in low
+    assert "(the smallest margin is -3.0 points)" in low and "m-b on random (52.0%)" in low
+
+
+# -- 01 --------------------------------------------------------------------------------------------
+
+
+def attention_results(ck=(0.01, -0.02, 0.04), entropy=(-0.02, -0.05, 0.01)):
+    rows = []
+    for metric, (v, lo, hi) in (("ck_text", ck), ("entropy", entropy)):
+        for layer in (0, 1):
+            rows.append(est(v if layer == 1 else 0.0, lo if layer == 1 else -0.03, hi if layer == 1 else 0.03,
+                            model="pooled", scope="pooled", subset="all", metric=metric, layer=layer,
+                            p_value=0.5, p_holm=0.9))
+    rows.append(est(0.2, 0.1, 0.3, model="m-a", scope="random", subset="all", metric="gini", layer=0,
+                    p_value=0.001, p_holm=0.01))
+    r2 = [est(-0.01, -0.03, 0.02, model="m-a", scope="random"), est(0.004, -0.01, 0.03, model="m-b", scope="random")]
+    return {"point_biserial": rows, "explained_variance": r2, "parameters": {"models": MODELS}}
+
+
+def test_attention_answer_reads_intervals_against_zero_and_the_margin():
+    text = answers.attention(attention_results(), margin=0.1)
+    assert "C_k R_pb = +0.010 [-0.020, +0.040] (includes 0)" in text
+    assert "spatial entropy H_s R_pb = -0.020 [-0.050, +0.010] (includes 0)" in text
+    assert "Every pooled metric at every layer has its whole 95% CI inside \u00b10.1" in text
+    assert "1 of 5 tests" in text and "between -0.010 and +0.004 over the 2 model x setting fits" in text
+    assert "highest upper 95% bound: +0.030, m-b on random" in text
+    wide = answers.attention(attention_results(ck=(0.09, 0.05, 0.13)), margin=0.1)
+    assert "C_k R_pb = +0.090 [+0.050, +0.130] (excludes 0)" in wide
+    assert "3 of 4 pooled metric x layer estimates" in wide and "not shown to be negligible" in wide
+    assert "Every pooled metric" not in wide
+
+
+def test_the_attention_margin_is_the_one_declared_for_claim_1():
+    from vrp_utils.pages import load_claims
+
+    declared = next(c for c in load_claims()["claims"] if c["id"] == "1")["margin"]
+    assert answers._claim_margin("1") == declared
+    assert f"inside \u00b1{declared:g}" in answers.answer("01_attention", attention_results())
+
+
+# -- 02 --------------------------------------------------------------------------------------------
+
+
+def masking_results(top_b=(-0.08, -0.10, -0.06)):
+    rows = []
+    for model, top, rnd in (("m-a", (-0.085, -0.107, -0.064), (-0.005, -0.020, 0.009)), ("m-b", top_b, (-0.02, -0.04, 0.0))):
+        rows.append(est(*top, model=model, condition="top", fraction=0.3, scope="distinct", subset="all"))
+        rows.append(est(*rnd, model=model, condition="random", fraction=0.3, scope="distinct", subset="all"))
+        rows.append(est(*top, model=model, condition="top", fraction=0.5, scope="distinct", subset="all"))  # not the main
+    return {"parameters": {"models": MODELS, "fraction": 0.3}, "accuracy_change": rows}
+
+
+def test_masking_answer_compares_top_with_random_by_their_intervals():
+    text = answers.masking(masking_results())
+    assert "m-a -8.5 [-10.7, -6.4] (as many at random: -0.5 [-2.0, +0.9])" in text
+    assert "For all 2 models the loss excludes 0; for all 2 it is larger" in text and "cannot tell" not in text
+    close = answers.masking(masking_results(top_b=(-0.05, -0.07, -0.03)))
+    assert "for 1 of 2 it is larger" in close and "cannot tell attention's choice from chance" in close
+    assert "box" not in close  # no box condition in this run: nothing said about it
+
+
+# -- 03 --------------------------------------------------------------------------------------------
+
+
+def probe_results(probe_b=(0.74, 0.72, 0.76)):
+    rows = []
+    for model, probe, margin in (("m-a", (0.80, 0.77, 0.82), (0.70, 0.67, 0.73)), ("m-b", probe_b, (0.73, 0.71, 0.75))):
+        rows.append(est(*probe, model=model, source="probe", probe="l1", position="last_prompt", subset="all", layer=1))
+        rows.append(est(0.6, 0.55, 0.65, model=model, source="probe", probe="l1", position="last_prompt", subset="all", layer=0))
+        rows.append(est(0.5, 0.46, 0.54, model=model, source="untrained", probe="l1", position="last_prompt", subset="all", layer=1))
+        rows.append(est(*margin, model=model, source="control", probe="abs_margin", position=None, subset="all", layer=None))
+    ablation = [est(-0.005, -0.009, -0.001, model="m-a", condition="top", k=5), est(0.001, -0.006, 0.008, model="m-b", condition="top", k=5)]
+    return {"parameters": {"models": MODELS, "probes": ["l1"], "positions": ["last_prompt"]},
+            "layers_used": {"m-a": 1, "m-b": 1}, "probe_auroc": rows, "ablation": ablation}
+
+
+def test_probe_answer_weighs_the_probe_against_chance_own_confidence_and_the_twin():
+    text = answers.probes(probe_results())
+    assert "m-a 0.800 [0.770, 0.820] at layer 1 (its own |yes-no margin| 0.700 [0.670, 0.730])" in text
+    assert "excludes chance (0.5) for all 2 models" in text and "above the model's own confidence for 1 of 2" in text
+    assert "adds nothing shown" in text and "untrained twin's hidden states is beaten with separated intervals for all 2" in text
+    assert "m-a -0.5 [-0.9, -0.1] points" in text and "excludes 0 for 1 of 2" in text
+    chance = answers.probes(probe_results(probe_b=(0.52, 0.48, 0.56)))
+    assert "excludes chance (0.5) for 1 of 2 models" in chance
+
+
+# -- 04 --------------------------------------------------------------------------------------------
+
+
+def consistency_results(auc_b=(0.68, 0.65, 0.71), r_sampled=(0.28, 0.25, 0.31)):
+    assoc = []
+    for model, auc in (("m-a", (0.70, 0.67, 0.73)), ("m-b", auc_b)):
+        assoc.append(est(*auc, model=model, scope="distinct", score="S_SC sampled, K=10", statistic="auroc"))
+    assoc.append(est(*r_sampled, model="pooled", scope="pooled", score="S_SC sampled, K=10", statistic="r_pb"))
+    assoc.append(est(0.30, 0.27, 0.33, model="pooled", scope="pooled", score="exact limit max(q, 1-q)", statistic="r_pb"))
+    disagree = [{"model": "m-a", "quantity": "s_sc_is_1_at_k10", "value": 0.71}, {"model": "m-b", "quantity": "s_sc_is_1_at_k10", "value": 0.58}]
+    return {"parameters": {"models": MODELS, "k": 10, "temperature": 0.7, "top_p": 0.9}, "association": assoc,
+            "disagreement": disagree, "cost": [{"model": "m-a", "pass": "S_SC K=10 (prefix-shared)", "forward_pass_equivalents": 1.14, "n": 32}]}
+
+
+def test_self_consistency_answer():
+    text = answers.self_consistency(consistency_results())
+    assert "agree (S_SC = 1) on 58% to 71% of a model's inputs" in text
+    assert "m-a 0.700 [0.670, 0.730]; m-b 0.680 [0.650, 0.710]" in text and "excluding 0.5 for all 2 models" in text
+    assert "R_pb = +0.280 [+0.250, +0.310], an interval that excludes 0" in text and "not distinguishable from" in text
+    assert "cost 1.1x the greedy answer (m-a; measured once, on 32 inputs)" in text
+    flat = answers.self_consistency(consistency_results(auc_b=(0.51, 0.47, 0.55), r_sampled=(0.02, -0.01, 0.05)))
+    assert "excluding 0.5 for 1 of 2 models" in flat and "an interval that includes 0" in flat and "above the sampled score" in flat
+
+
+# -- 05 --------------------------------------------------------------------------------------------
+
+
+def board(second=(0.74, 0.72, 0.76)):
+    def row(signal, auroc, cost, group="behaviour", only=""):
+        v, lo, hi = auroc
+        return {"model": "pooled", "scope": "pooled", "subset": "all", "signal": signal, "group": group, "cost": cost,
+                "only": only, "auroc": v, "auroc_ci_low": lo, "auroc_ci_high": hi, "n": 5175,
+                "extra_seconds_per_input": 0.0 if cost == "greedy" else 0.0007}
+    rows = [row("fusion", (0.75, 0.73, 0.77), "capture", "fusion"), row("entropy", second, "greedy"),
+            row("att_a", (0.50, 0.48, 0.52), "capture", "attention"), row("att_b", (0.53, 0.51, 0.55), "capture", "attention"),
+            row("inbox", (0.9, 0.88, 0.92), "capture", "attention", only="positive")]
+    return {"parameters": {"models": MODELS}, "leaderboard": rows, "missing": []}
+
+
+def test_leaderboard_answer_names_the_best_signal_and_what_cannot_be_told_from_it():
+    text = answers.leaderboard(board())
+    assert "the best signal is **fusion**, AUROC 0.750 [0.730, 0.770] (0.70 ms extra per input, n = 5,175)" in text
+    assert "1 other signal cannot be told from it (overlapping 95% CIs: entropy)" in text
+    assert "entropy, scores 0.740 [0.720, 0.760]: not distinguishable from the best" in text
+    assert "1 of 2 attention metrics has an AUROC interval that includes chance" in text
+    assert "inbox" not in text  # positives only: not ranked against the rest
+    apart = answers.leaderboard(board(second=(0.70, 0.68, 0.72)))
+    assert "its interval lies above every other signal's" in apart and "below the best, with the intervals apart" in apart
+
+
+# -- the notebooks ---------------------------------------------------------------------------------
+
+
+CHAPTERS = sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.md"))
+
+
+def test_every_chapter_has_an_answer_function():
+    assert CHAPTERS and set(CHAPTERS) == set(answers.ANSWERS)
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_each_chapter_opens_with_its_glued_answer_and_glues_it_from_what_it_published(name):
+    notebook = run.read_notebook(NOTEBOOKS_DIR / f"{name}.md")
+    first = notebook.cells[0]
+    assert first.cell_type == "markdown"
+    lines = [line for line in first.source.splitlines() if line.strip()]
+    assert lines[0].startswith("# ") and lines[1] == "```{glue:md} answer", f"{name}: the answer is not right under the title"
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    glued = [i for i, c in enumerate(code) if re.search(r"glue\(\"answer\", Markdown\(answer\(\"(\w+)\", published\(\)\)\)", c.source)]
+    assert len(glued) == 1, f"{name}: no single cell glues answer(..., published())"
+    assert f'answer("{name}", published())' in code[glued[0]].source
+    last_publish = max(i for i, c in enumerate(code) if re.search(r"^publish\(", c.source, re.MULTILINE))
+    assert glued[0] > last_publish, f"{name}: the answer is glued before the chapter's last publish"
+
+
+def test_published_is_what_the_runner_writes(tmp_path):
+    notebook = tmp_path / "demo.md"
+    notebook.write_text(textwrap.dedent("""\
+        ---
+        jupytext:
+          text_representation: {extension: .md, format_name: myst, format_version: 0.13}
+        kernelspec: {name: python3, display_name: Python 3, language: python}
+        ---
+
+        ```{code-cell}
+        import numpy as np
+        from vrp_utils.results import publish, published
+        publish({"a": np.float32(0.5), "b": [1, 2]})
+        publish({"b": {"c": float("nan")}})
+        seen = published()
+        seen["a"] = "changed"  # a copy: changing it changes nothing published
+        publish({"seen": published()})
+        ```
+        """))
+    record = run.execute(notebook, {}, output_dir=tmp_path, results_dir=tmp_path, progress=False)
+    expected = {"a": 0.5, "b": {"c": None}}
+    assert record["results"] == {**expected, "seen": expected}
+
+
+@pytest.mark.built
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_each_built_chapter_gives_an_answer(name):
+    path = RESULTS_DIR / f"{name}.json"
+    assert path.is_file(), f"{path} missing: run `make notebooks`"
+    results = json.loads(path.read_text())["results"]
+    text = answers.answer(name, copy.deepcopy(results))
+    assert text.startswith("**The answer in this build.**") and re.search(r"\d", text)
+    assert "undefined" not in text and "not in this run" not in text, text

@@ -1,0 +1,372 @@
+"""Each chapter's one-paragraph answer, written from the results that chapter publishes.
+
+Why: the paragraph that opens a chapter is the sentence most readers quote, so it must never hold a
+typed-in number, and its wording must follow the numbers: "excludes 0" or "includes 0", "more than"
+or "not distinguishable from", chosen here from the same values the chapter publishes. A notebook ends
+with ``glue("answer", Markdown(answer(NAME, published())), display=False)`` and opens with the
+``{glue:md}`` directive, so the rendered chapter starts with this paragraph (myst-nb reads every glued
+value of a notebook before rendering it, so a value glued in the last cell shows at the top).
+
+Each function takes the chapter's published ``results`` dict (``results/<notebook>.json["results"]``)
+and returns Markdown. A quantity the run did not compute (a condition left out by a parameter, say) is
+named as absent, never filled in; an interval is always quoted with its value, and a judgement is read
+from intervals only: an interval "excludes" a value when the value lies outside it, and two estimates are
+"distinguishable" here only when their 95% intervals do not overlap (a conservative reading: the
+chapters publish no paired test of every pair).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+POOLED = "pooled"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _est(row: dict, value: str = "value", low: str = "ci_low", high: str = "ci_high", scale: float = 1.0) -> tuple:
+    return tuple(row.get(k) * scale if _finite(row.get(k)) else None for k in (value, low, high))
+
+
+def _ci(row: dict, digits: int = 3, signed: bool = False, scale: float = 1.0, **keys: str) -> str:
+    """``value [low, high]`` of a row (``undefined`` where the value is missing)."""
+    value, low, high = _est(row, scale=scale, **keys)
+    if value is None:
+        return "undefined"
+    spec = f"{'+' if signed else ''}.{digits}f"
+    if low is None or high is None:
+        return f"{value:{spec}} (no interval)"
+    return f"{value:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
+def _excludes(row: dict, null: float, **keys: str) -> bool | None:
+    """True when the 95% CI lies wholly on one side of ``null``; None when there is no interval."""
+    _, low, high = _est(row, **keys)
+    if low is None or high is None:
+        return None
+    return low > null or high < null
+
+
+def _separated(a: dict, b: dict, a_keys: dict | None = None, b_keys: dict | None = None) -> int:
+    """+1 when a's CI lies wholly above b's, -1 wholly below, 0 when they overlap (or one is missing)."""
+    _, a_lo, a_hi = _est(a, **(a_keys or {}))
+    _, b_lo, b_hi = _est(b, **(b_keys or {}))
+    if None in (a_lo, a_hi, b_lo, b_hi):
+        return 0
+    return 1 if a_lo > b_hi else -1 if a_hi < b_lo else 0
+
+
+def _rows(results: dict, key: str, **where: Any) -> list[dict]:
+    rows = results.get(key)
+    if not isinstance(rows, list):
+        raise KeyError(f"the chapter's results have no list {key!r} (published keys: {', '.join(sorted(results))})")
+    return [r for r in rows if all(_same(r.get(k), v) for k, v in where.items())]
+
+
+def _same(have: Any, wanted: Any) -> bool:
+    if _finite(have) and _finite(wanted):
+        return math.isclose(float(have), float(wanted), rel_tol=0, abs_tol=1e-9)
+    return have == wanted
+
+
+def _one(rows: list[dict]) -> dict | None:
+    return rows[0] if rows else None
+
+
+def _count(n: int, total: int) -> str:
+    return f"all {total}" if n == total and total > 1 else f"{n} of {total}"
+
+
+def _join(parts: Iterable[str]) -> str:
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1] if parts else ""
+
+
+def _models(results: dict) -> list[str]:
+    return [m for m in (results.get("parameters", {}).get("models") or []) if m != POOLED]
+
+
+# --------------------------------------------------------------------------------------------------
+# The chapters
+# --------------------------------------------------------------------------------------------------
+
+
+def benchmark_and_zoo(results: dict, low: float = 0.70, high: float = 0.92) -> str:
+    """Chapter 00: is there something to predict, and can the benchmark be answered without looking?"""
+    accuracy = results["zoo_accuracy"]
+    models = sorted({key.split("/")[0] for key in accuracy})
+    settings = sorted({key.split("/")[1] for key in accuracy})
+    random = {m: accuracy.get(f"{m}/random") for m in models}
+    in_target = [m for m, a in random.items() if _finite(a) and low <= a <= high]
+    baselines = results["baselines"]
+    best = {s: max(v for k, v in baselines.items() if k.endswith(f"/{s}")) for s in settings}
+    margin = min(accuracy[f"{m}/{s}"] - best[s] for m in models for s in settings)
+    worst = min(((m, s) for m in models for s in settings), key=lambda ms: accuracy[f"{ms[0]}/{ms[1]}"])
+    questions = results.get("benchmark_questions", {})
+    text = (
+        f"**The answer in this build.** {_count(len(in_target), len(models)).capitalize()} zoo models "
+        f"{'reaches' if len(in_target) == 1 else 'reach'} the target of {low:.0%}-{high:.0%} accuracy on the random setting "
+        f"({', '.join(f'{m} {a:.1%}' for m, a in random.items())}), so every later chapter has "
+        f"{'errors to predict' if all(_finite(a) and a < 1 for a in random.values()) else 'a model without errors in it'}. "
+    )
+    if margin > 0:
+        text += (f"Every model beats the best shortcut baseline on every setting, by at least {100 * margin:.1f} points: "
+                 "the questions cannot be answered from the question alone or from image statistics as well as by "
+                 "looking at the objects. ")
+    else:
+        text += (f"Not every model beats the best shortcut baseline on every setting (the smallest margin is "
+                 f"{100 * margin:+.1f} points): a correctness signal could learn the shortcut there. ")
+    text += (f"The weakest cell is {worst[0]} on {worst[1]} ({accuracy[f'{worst[0]}/{worst[1]}']:.1%}); "
+             f"the benchmark asks {_join(f'{n:,} {s}' for s, n in questions.items())} questions.")
+    return text
+
+
+def attention(results: dict, margin: float = 0.1) -> str:
+    """Chapter 01: does how concentrated attention is predict correctness? (``margin``: the equivalence margin
+    declared for claim 1 in ``book/claims.yml``.)"""
+    rows = [r for r in _rows(results, "point_biserial", model=POOLED, scope=POOLED, subset="all") if r.get("metric") != "inbox_mass"]
+    layers = [r["layer"] for r in rows if _finite(r.get("layer"))]
+    if not layers:
+        raise KeyError("no pooled point-biserial rows in the chapter's results")
+    last = max(layers)
+    named = {m: _one([r for r in rows if r["metric"] == m and r["layer"] == last]) for m in ("ck_text", "entropy")}
+    defined = [r for r in rows if _finite(r.get("value"))]
+    inside = [r for r in defined if _finite(r.get("ci_low")) and _finite(r.get("ci_high"))
+              and -margin <= r["ci_low"] and r["ci_high"] <= margin]
+    strongest = max(defined, key=lambda r: abs(r["value"])) if defined else None
+    tests = [r for r in _rows(results, "point_biserial") if _finite(r.get("p_value"))]
+    significant = [r for r in tests if _finite(r.get("p_holm")) and r["p_holm"] < 0.05]
+    n = max((int(r["n"]) for r in rows if _finite(r.get("n"))), default=0)
+    parts = []
+    for metric, label in (("ck_text", "C_k"), ("entropy", "spatial entropy H_s")):
+        row = named[metric]
+        if row is None:
+            parts.append(f"{label}: not in this run")
+            continue
+        side = _excludes(row, 0.0)
+        parts.append(f"{label} R_pb = {_ci(row, signed=True)} ({'excludes' if side else 'includes'} 0)")
+    text = (f"**The answer in this build.** Pooled over the models and settings (n = {n:,}), at the last layer: "
+            f"{'; '.join(parts)}. ")
+    if defined and len(inside) == len(defined):
+        text += (f"Every pooled metric at every layer has its whole 95% CI inside \u00b1{margin:g}, so however concentrated "
+                 "attention is, it says next to nothing about whether the answer is right")
+    else:
+        text += (f"{len(inside)} of {len(defined)} pooled metric x layer estimates have their whole 95% CI inside "
+                 f"\u00b1{margin:g}; so concentration is {'not ' if len(inside) < len(defined) else ''}shown to be negligible "
+                 "for every metric")
+    if strongest is not None:
+        text += f" (the largest in size: {strongest['metric']} at layer {strongest['layer']}, {_ci(strongest, signed=True)})"
+    text += (f". {len(significant)} of {len(tests)} tests (per model, setting and pooled; all answers and within one "
+             "label) have a Holm-adjusted p < 0.05. ")
+    r2 = [r for r in _rows(results, "explained_variance") if _finite(r.get("value"))]
+    if r2:
+        values = [r["value"] for r in r2]
+        high = max(r2, key=lambda r: r["ci_high"] if _finite(r.get("ci_high")) else r["value"])
+        text += (f"Together, every metric at every layer reaches an out-of-fold McFadden pseudo-R^2 between "
+                 f"{min(values):+.3f} and {max(values):+.3f} over the {len(r2)} model x setting fits (the highest upper "
+                 f"95% bound: {high['ci_high']:+.3f}, {high['model']} on {high['scope']}).")
+    return text
+
+
+def masking(results: dict) -> str:
+    """Chapter 02: does masking what the model attends to cost more than masking at random?"""
+    fraction = results["parameters"]["fraction"]
+    models = _models(results)
+
+    def row(model: str, condition: str, with_fraction: bool = True) -> dict | None:
+        where = {"model": model, "condition": condition, "scope": "distinct", "subset": "all"}
+        if with_fraction:
+            where["fraction"] = fraction
+        return _one(_rows(results, "accuracy_change", **where))
+
+    def points(r: dict | None) -> str:
+        return "not run" if r is None else _ci(r, digits=1, signed=True, scale=100)
+
+    lines, more, hurts = [], 0, 0
+    for model in models:
+        top, rnd = row(model, "top"), row(model, "random")
+        lines.append(f"{model} {points(top)} (as many at random: {points(rnd)})")
+        if top is not None and _excludes(top, 0.0) and top["value"] < 0:
+            hurts += 1
+        if top is not None and rnd is not None and _separated(top, rnd) < 0:
+            more += 1
+    text = (f"**The answer in this build.** Masking the {fraction:.0%} of image tokens the model attends to most changes "
+            f"accuracy, in points (95% CI, each model's distinct inputs), by: {'; '.join(lines)}. For "
+            f"{_count(hurts, len(models))} model{'s' if len(models) > 1 else ''} the loss excludes 0; for "
+            f"{_count(more, len(models))} it is larger than masking as many tokens at random, with the two intervals apart")
+    text += ("" if more == len(models) else
+             " (where they overlap, this run cannot tell attention's choice from chance)")
+    boxes = [(m, row(m, "box", with_fraction=False)) for m in models]
+    boxes = [(m, r) for m, r in boxes if r is not None]
+    if boxes:
+        text += (". Masking the queried object's own box, on positive questions, costs "
+                 + "; ".join(f"{m} {points(r)}" for m, r in boxes))
+    return text + "."
+
+
+def probes(results: dict) -> str:
+    """Chapter 03: does a probe on the hidden states tell right from wrong, beyond the model's own confidence?"""
+    models = _models(results)
+    layers = results.get("layers_used", {})
+    params = results["parameters"]
+    probe = "l1" if "l1" in params.get("probes", []) else (params.get("probes") or ["l1"])[0]
+    position = "last_prompt" if "last_prompt" in params.get("positions", []) else (params.get("positions") or ["last_prompt"])[0]
+    lines, above, beats, below_twin = [], 0, 0, 0
+    fitted = 0
+    for model in models:
+        layer = layers.get(model)
+        best = _one(_rows(results, "probe_auroc", model=model, source="probe", probe=probe, position=position, subset="all",
+                          layer=layer)) if layer is not None else None
+        if best is None or not _finite(best.get("value")):
+            lines.append(f"{model}: no probe fitted")
+            continue
+        fitted += 1
+        own = _one(_rows(results, "probe_auroc", model=model, probe="abs_margin", subset="all"))
+        twin = _one(_rows(results, "probe_auroc", model=model, source="untrained", probe=probe, position=position,
+                          subset="all", layer=layer))
+        text = f"{model} {_ci(best)} at layer {layer}"
+        if own is not None:
+            text += f" (its own |yes-no margin| {_ci(own)})"
+            beats += _separated(best, own) > 0
+        if twin is not None:
+            below_twin += _separated(best, twin) > 0
+        above += bool(_excludes(best, 0.5)) and best["value"] > 0.5
+        lines.append(text)
+    name = {"l1": "An L1 logistic", "mlp": "An MLP"}.get(probe, f"A {probe}")
+    where = {"last_prompt": "the last prompt position's hidden state",
+             "answer_mean": "the hidden state averaged over the answer"}.get(position, f"the {position} hidden state")
+    text = (f"**The answer in this build.** {name} probe on {where}, cross-validated "
+            f"by image, scores AUROC {'; '.join(lines)} (95% CI, distinct inputs). Its interval excludes chance (0.5) for "
+            f"{_count(above, fitted)} model{'s' if fitted != 1 else ''}, and lies above the model's own confidence for "
+            f"{_count(beats, fitted)}")
+    text += ("" if beats == fitted else " (where the intervals overlap, the hidden state adds nothing shown beyond what the "
+             "answer's margin already says)")
+    text += (f"; the same probe on an untrained twin's hidden states is beaten with separated intervals for "
+             f"{_count(below_twin, fitted)}.")
+    top = [r for r in _rows(results, "ablation", condition="top") if _finite(r.get("value"))]
+    if top:
+        costly = [r for r in top if _excludes(r, 0.0) and r["value"] < 0]
+        text += (f" Zeroing the top {_join(sorted({str(r['k']) for r in top}))} probe dimensions changes accuracy by "
+                 + "; ".join(f"{r['model']} {_ci(r, digits=1, signed=True, scale=100)} points" for r in top)
+                 + f": a loss that excludes 0 for {_count(len(costly), len(top))}.")
+    return text
+
+
+def self_consistency(results: dict) -> str:
+    """Chapter 04: how often can samples disagree, and how well does S_SC predict correctness?"""
+    k = results["parameters"]["k"]
+    models = _models(results)
+    sampled, limit = f"S_SC sampled, K={k}", "exact limit max(q, 1-q)"
+    lines, shares, above = [], [], 0
+    for model in models:
+        one = _one(_rows(results, "disagreement", model=model, quantity=f"s_sc_is_1_at_k{k}"))
+        auc = _one(_rows(results, "association", model=model, scope="distinct", score=sampled, statistic="auroc"))
+        if one is not None and _finite(one.get("value")):
+            shares.append(one["value"])
+        if auc is None:
+            lines.append(f"{model} not in this run")
+            continue
+        above += bool(_excludes(auc, 0.5)) and auc["value"] > 0.5
+        lines.append(f"{model} {_ci(auc)}")
+    p = results["parameters"]
+    text = (f"**The answer in this build.** With K = {k} samples at temperature {p.get('temperature')} and top-p "
+            f"{p.get('top_p')}, all K samples agree (S_SC = 1) on "
+            + (f"{min(shares):.0%} to {max(shares):.0%}" if len(shares) > 1 else f"{shares[0]:.0%}" if shares else "an unknown share")
+            + f" of a model's inputs. The AUROC of S_SC for the greedy answer's correctness is {'; '.join(lines)} "
+            f"(95% CI, distinct inputs), above chance with the interval excluding 0.5 for {_count(above, len(models))} "
+            f"model{'s' if len(models) != 1 else ''}. ")
+    r_s = _one(_rows(results, "association", model=POOLED, score=sampled, statistic="r_pb"))
+    r_l = _one(_rows(results, "association", model=POOLED, score=limit, statistic="r_pb"))
+    if r_s is not None:
+        text += (f"Pooled, R_pb = {_ci(r_s, signed=True)}, an interval that {'excludes' if _excludes(r_s, 0.0) else 'includes'} 0")
+        if r_l is not None:
+            side = _separated(r_l, r_s)
+            text += (f"; the exact limit max(q, 1 - q), from one pass, gives {_ci(r_l, signed=True)}, "
+                     + ("above" if side > 0 else "below" if side < 0 else "not distinguishable from") + " the sampled score")
+        text += ". "
+    costs = [r for r in results.get("cost") or [] if str(r.get("pass", "")).startswith(f"S_SC K={k}")
+             and _finite(r.get("forward_pass_equivalents"))]
+    if costs:
+        text += (f"K = {k} prefix-shared samples cost "
+                 + ", ".join(f"{r['forward_pass_equivalents']:.1f}x" for r in costs)
+                 + f" the greedy answer ({_join(r['model'] for r in costs)}; measured once, on {costs[0].get('n')} inputs).")
+    return text.rstrip()
+
+
+def leaderboard(results: dict) -> str:
+    """Chapter 05: which signal tells right from wrong best, and what does it cost beyond the answer?"""
+    models = _models(results)
+    scope = POOLED if len(models) > 1 else "distinct"
+    model = POOLED if scope == POOLED else models[0]
+    rows = [r for r in _rows(results, "leaderboard", model=model, scope=scope, subset="all")
+            if _finite(r.get("auroc")) and not r.get("only")]
+    if not rows:
+        raise KeyError("no leaderboard rows with an AUROC in the chapter's results")
+    keys = {"value": "auroc", "low": "auroc_ci_low", "high": "auroc_ci_high"}
+    ranked = sorted(rows, key=lambda r: -r["auroc"])
+    best = ranked[0]
+    free = [r for r in ranked if r.get("cost") == "greedy"]
+    ties = [r["signal"] for r in ranked[1:] if _separated(best, r, keys, keys) == 0]
+
+    def cost(r: dict) -> str:
+        seconds = r.get("extra_seconds_per_input")
+        return "no extra cost" if r.get("cost") == "greedy" else (
+            f"{1000 * seconds:.2f} ms extra per input" if _finite(seconds) else "an extra cost not measured in this run")
+
+    where = "pooled over the models" if scope == POOLED else f"on {model}'s distinct inputs"
+    text = (f"**The answer in this build.** {where.capitalize()}, the best signal is **{best['signal']}**, AUROC "
+            f"{_ci(best, **keys)} ({cost(best)}, n = {int(best['n']):,}); ")
+    if ties:
+        text += (f"{len(ties)} other signal{'s' if len(ties) > 1 else ''} cannot be told from it (overlapping 95% CIs: "
+                 f"{_join(ties)}). ")
+    else:
+        text += "its interval lies above every other signal's. "
+    if free and free[0] is not best:
+        side = _separated(best, free[0], keys, keys)
+        text += (f"The best signal that costs nothing beyond the greedy answer, {free[0]['signal']}, scores "
+                 f"{_ci(free[0], **keys)}: {'below the best, with the intervals apart' if side > 0 else 'not distinguishable from the best'}. ")
+    elif free:
+        text += "It costs nothing beyond the greedy answer. "
+    attention = [r for r in rows if r.get("group") == "attention"]
+    if attention:
+        chance = [r for r in attention if not _excludes(r, 0.5, **keys)]
+        text += (f"{_count(len(chance), len(attention)).capitalize()} attention metrics "
+                 f"{'has' if len(chance) == 1 else 'have'} an AUROC interval that includes chance (0.5).")
+    missing = results.get("missing") or []
+    if missing:
+        text += f" Missing from this run (their chapter not built): {_join(missing)}."
+    return text.rstrip()
+
+
+ANSWERS: dict[str, Callable[[dict], str]] = {
+    "00_benchmark_and_zoo": benchmark_and_zoo,
+    "01_attention": attention,
+    "02_masking": masking,
+    "03_probes": probes,
+    "04_self_consistency": self_consistency,
+    "05_leaderboard": leaderboard,
+}
+
+
+def answer(notebook: str, results: dict) -> str:
+    """The opening paragraph of ``notebook`` from its published ``results``."""
+    if notebook not in ANSWERS:
+        raise KeyError(f"no answer is written for {notebook!r}; chapters with one: {', '.join(ANSWERS)}")
+    if notebook == "01_attention":
+        return attention(results, margin=_claim_margin("1"))
+    return ANSWERS[notebook](results)
+
+
+def _claim_margin(claim_id: str) -> float:
+    """The equivalence margin declared for a claim in ``book/claims.yml`` (the same one the paper-vs-reproduction
+    page judges by)."""
+    from vrp_utils.pages import load_claims
+
+    for claim in load_claims()["claims"]:
+        if claim["id"] == claim_id:
+            return float(claim["margin"])
+    raise KeyError(f"book/claims.yml has no claim {claim_id!r}")
