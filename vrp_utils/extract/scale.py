@@ -205,8 +205,7 @@ class _WholeRunBar:
     def __init__(self, roots: Sequence[Path], total: int, desc: str, enabled: bool, interval: float = 0.5) -> None:
         self._roots, self._interval = list(roots), interval
         self._stop = threading.Event()
-        self._bar = tqdm(total=total, unit="ex", desc=desc, disable=not enabled)
-        self._bar.update(self._done())
+        self._bar = tqdm(total=total, initial=self._done() if enabled else 0, unit="ex", desc=desc, disable=not enabled)
         self._thread = threading.Thread(target=self._run, daemon=True) if enabled else None
 
     def _done(self) -> int:
