@@ -203,3 +203,24 @@ def test_stored_rows_match_eager_in_each_dtype(name, dtype, tiny_model_dir, tiny
         expected = _eager_prefill_rows(loaded, images[i], questions[i])
         print(f"{name} {dtype} ex{i}: max |stored - eager| = {np.abs(stored - expected).max():.2e}")
         np.testing.assert_allclose(stored, expected, rtol=rtol, atol=atol, err_msg=f"{name} {dtype} example {i}")
+
+
+def test_bfloat16_store_has_its_own_identity_and_device_auto_gives_the_same_store(tiny_model_dir, tiny_benchmark, tmp_path):
+    """``--dtype`` is part of the identity (``open_or_extract(dtype=...)`` reads it back); ``--device auto``
+    (accelerate's ``infer_auto_device_map`` + ``dispatch_model``; everything lands on the CPU here) changes nothing."""
+    from vrp_utils.extract.features import open_or_extract
+    from vrp_utils.extract.scale import extract_distributed
+
+    model = tiny_model_dir("zoo-llava")
+    dataset = load_benchmark("random", root=tiny_benchmark).select(range(2))
+    settings = ExtractionSettings(max_new_tokens=2, batch_size=2)
+    auto = extract_distributed(model, dataset, settings, root=tmp_path / "auto", device="auto", dtype=torch.bfloat16,
+                               progress=False)
+    assert auto.manifest["model_fingerprint"].endswith("-bfloat16")
+    assert auto.attention().dtype == np.float16 and auto.summary()["n_ok"] == 2
+    cpu = extract(load_placed(model, "cpu", torch.bfloat16), dataset, settings, root=tmp_path / "cpu", progress=False)
+    _assert_same_store(auto, cpu)
+    found = open_or_extract(str(model), dataset, settings, root=tmp_path / "cpu", extract_missing=False, dtype="bfloat16")
+    assert found.path == cpu.path
+    with pytest.raises(FileNotFoundError, match="no finished feature store"):  # the float32 store is another one
+        open_or_extract(str(model), dataset, settings, root=tmp_path / "cpu", extract_missing=False)

@@ -409,7 +409,7 @@ def _dataset(args: argparse.Namespace):
         splits = {}
         for questions in args.questions:
             split = load_pope(questions, args.image_dir)
-            splits[split[0]["setting"] if len(split) else str(questions)] = split
+            splits[split.select_columns(["setting"])[0]["setting"] if len(split) else str(questions)] = split
         if args.limit is not None:
             splits = {name: split.select(range(min(args.limit, len(split)))) for name, split in splits.items()}
     elif args.distinct:
