@@ -147,6 +147,7 @@ def processes(model: str, limit: int, batch_size: int, repeats: int) -> dict[str
     return {
         "model": model, "limit": limit, "batch_size": batch_size, "repeats": repeats,
         "median_s": median, "merge_s": merge,
+        "runs_wall_s": {v: [round(r["wall_s"], 2) for r in values] for v, values in runs.items()},
         "speedup_vs_1_process_1_thread": {v: {k: base[k] / m[k] for k in m} for v, m in median.items()},
         "speedup_2_processes_vs_1_process_2_threads": {k: median[variants[1]][k] / median[variants[2]][k] for k in base},
         "merge_share_of_2_process_run": merge / median[variants[2]]["run_s"],
