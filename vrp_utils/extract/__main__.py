@@ -1,4 +1,4 @@
-from vrp_utils.extract.engine import main
+from vrp_utils.extract.scale import main
 import sys
 
 sys.exit(main())

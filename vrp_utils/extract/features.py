@@ -228,11 +228,17 @@ def open_or_extract(
     root: Path = STORE_DIR,
     extract_missing: bool = True,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> FeatureStore:
-    """The finished store of ``model`` over ``dataset`` (opened without loading the model), or extract it first."""
-    from vrp_utils.models.loading import fingerprint_files, load_model, resolve_model_dir
+    """The finished store of ``model`` over ``dataset`` (opened without loading the model), or extract it first.
 
-    model_fp = fingerprint_files(resolve_model_dir(model))
+    ``dtype`` names the precision the store was extracted in (``python -m vrp_utils.extract --dtype``; part of
+    its identity): a bfloat16 store extracted on GPUs is read with ``dtype="bfloat16"``.
+    """
+    from vrp_utils.extract.scale import dtype_fingerprint, load_placed, parse_dtype
+    from vrp_utils.models.loading import fingerprint_files, resolve_model_dir
+
+    model_fp = dtype_fingerprint(fingerprint_files(resolve_model_dir(model)), parse_dtype(dtype))
     with _quiet_datasets():
         dataset_fp = dataset_fingerprint(dataset)
     expect = {
@@ -246,7 +252,7 @@ def open_or_extract(
         return FeatureStore.open(path, expect=expect)
     if not extract_missing:
         raise FileNotFoundError(f"no finished feature store for {model} at {path}; run `make features` or open with extract_missing=True")
-    loaded = load_model(model)
+    loaded = load_placed(model, "cpu", parse_dtype(dtype))
     waited = 0.0
     while True:
         try:
@@ -273,11 +279,13 @@ def open_features(
     benchmark_dir: Path = BENCHMARK_DIR,
     extract_missing: bool = True,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> Features:
     """Open ``model``'s features for ``settings`` (extracting the distinct inputs first if absent).
 
     ``model`` is a zoo name, a directory or a cached hub id; ``splits`` (setting -> dataset) replaces
-    the embedded benchmark, e.g. real POPE files loaded with ``load_pope``.
+    the embedded benchmark, e.g. real POPE files loaded with ``load_pope``; ``dtype`` the precision the
+    store was extracted in (``python -m vrp_utils.extract --dtype``).
     """
     from vrp_utils.models.loading import read_model_type, resolve_model_dir
 
@@ -292,7 +300,8 @@ def open_features(
         dataset, membership = distinct_inputs(splits)
     model_dir = resolve_model_dir(model)
     model_type = read_model_type(model_dir)
-    store = open_or_extract(model, dataset, extraction, root=root, extract_missing=extract_missing, progress=progress)
+    store = open_or_extract(model, dataset, extraction, root=root, extract_missing=extract_missing, progress=progress,
+                            dtype=dtype)
     return Features(str(model), model_dir, model_type, store, membership, chosen, dataset)
 
 
