@@ -252,12 +252,16 @@ def test_ablation_pass_through_the_engine_matches_a_direct_hooked_pass(llava_fea
 
 def test_ablation_sweep_pools_every_models_passes_and_does_not_depend_on_jobs(tiny_model_dir, tiny_benchmark, tmp_path):
     """Two families' passes in one pool (2 workers) give the same table as one process, each model at its own layer."""
+    import shutil
+
+    features = {name: open_features(str(tiny_model_dir(name)), "random", limit=12, root=tmp_path, benchmark_dir=tiny_benchmark,
+                                    progress=False) for name in ("zoo-llava", "zoo-qwen2-vl")}
+    base = {p.name for p in tmp_path.iterdir()}
+    layers = {"zoo-llava": 0, "zoo-qwen2-vl": 1}
     tables = []
-    for jobs in (1, 2):
-        root = tmp_path / f"jobs{jobs}"
-        features = {name: open_features(str(tiny_model_dir(name)), "all", root=root, benchmark_dir=tiny_benchmark, progress=False)
-                    for name in ("zoo-llava", "zoo-qwen2-vl")}
-        layers = {"zoo-llava": 0, "zoo-qwen2-vl": 1}
+    for jobs in (2, 1):
+        for stale in set(p.name for p in tmp_path.iterdir()) - base:  # every pass extracted afresh by this run
+            shutil.rmtree(tmp_path / stale)
         table, info = P.ablation_sweep(features, layers, "2,half", 1, n_boot=50, progress=False, jobs=jobs)
         assert set(info) == set(features)
         for name, f in features.items():
@@ -265,8 +269,7 @@ def test_ablation_sweep_pools_every_models_passes_and_does_not_depend_on_jobs(ti
             assert len(rows) == info[name]["passes"] == 3  # top-2, random-2, half
             assert set(rows["layer"]) == {layers[name]} and set(rows["condition"]) == {"top", "random", "half"}
             assert (rows[rows["condition"] == "half"]["k"] == info[name]["width"] // 2).all()
-        stores = sorted(p.name for p in root.iterdir() if p.is_dir())
-        assert len(stores) >= 2 + 6  # two base stores, six ablated passes
+        assert len({p.name for p in tmp_path.iterdir()} - base) >= 6  # six ablated passes
         tables.append(table)
     pd.testing.assert_frame_equal(tables[0], tables[1])
 
