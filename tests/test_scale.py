@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,10 +111,12 @@ def test_killed_two_process_launch_resumes_to_the_one_process_store(reference, t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_store(FeatureStore.open(path), reference)
     # Rank 0's finished shard was not redone; rank 1 went on from its committed batch: the one bar (the main
-    # process's, for the whole run) starts at 4 + 2 examples, and no process drew a bar of its own.
+    # process's, for the whole run) starts at 4 + 2 examples or later (rank 1 may commit more before the bar's
+    # first draw on a loaded machine), never at 0, and no process drew a bar of its own.
     assert finished.stat().st_mtime_ns == finished_stat.st_mtime_ns and finished.stat().st_ino == finished_stat.st_ino
-    assert f"(2 processes):   0%|          | 0/{LIMIT}" not in resumed.stderr
-    assert f"(2 processes):  75%|" in resumed.stderr and "extract zoo-llava: " not in resumed.stderr
+    counts = [(int(done), int(total)) for done, total in re.findall(r"\(2 processes\):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", resumed.stderr)]
+    assert counts and counts[0][0] >= LIMIT // 2 + BATCH and {total for _, total in counts} == {LIMIT}, resumed.stderr[-2000:]
+    assert "extract zoo-llava: " not in resumed.stderr
     assert "merged 2 shards" in resumed.stderr
     # Both ranks wrote a shard: disjoint, together every example in order.
     shards = [FeatureStore.open(next(p for p in shard_dir(path, rank, 2).iterdir() if p.is_dir())) for rank in (0, 1)]
