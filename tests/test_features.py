@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -200,3 +201,13 @@ def test_a_bad_device_or_dtype_is_refused_by_name_before_any_work(keyword, value
         check_device_dtype(**{"device": "cpu", "dtype": "float32", keyword: value})
     assert not any(tmp_path.iterdir())
 
+
+def test_a_chapter_refuses_a_bad_dtype_before_any_work(tmp_path):
+    """The runner executes chapter 01's parameter check first: ``-p dtype float64`` fails naming the choices."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "VRP_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "vrp_utils.run", "01_attention", "-p", "dtype", "float64"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "dtype must be one of float32, bfloat16, float16, got 'float64'" in done.stdout + done.stderr
+    assert not (tmp_path / "features").exists()
