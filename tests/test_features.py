@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vrp_utils.data.pope import load_benchmark
 from vrp_utils.extract.engine import code_version
 from vrp_utils.extract.features import (
-    distinct_inputs, open_features, parse_models, parse_settings,
+    check_device_dtype, distinct_inputs, open_features, parse_models, parse_settings,
 )
 
 SETTINGS = ("random", "popular", "adversarial")
@@ -168,3 +171,43 @@ def test_benchmark_settings_are_read_once_until_their_files_change(tiny_benchmar
     path.write_text("".join(lines[:-1]))  # a rebuilt benchmark: one question fewer
     again = benchmark_splits(["random"], benchmark_dir=root)["random"]
     assert again is not first and len(again) == len(first) - 1
+
+
+def test_open_features_in_bfloat16_is_another_store_and_the_features_record_it(tiny_model_dir, tiny_benchmark, tmp_path):
+    """dtype is part of the store's identity (``<weights>-bfloat16``); device is not; Features carry both."""
+    model = str(tiny_model_dir("zoo-qwen2-vl"))
+    full = open_features(model, "random", limit=2, root=tmp_path, benchmark_dir=tiny_benchmark, progress=False)
+    half = open_features(model, "random", limit=2, root=tmp_path, benchmark_dir=tiny_benchmark, progress=False,
+                         device="cpu", dtype="bfloat16")
+    assert (full.device, full.dtype) == ("cpu", "float32") and (half.device, half.dtype) == ("cpu", "bfloat16")
+    assert half.store.path != full.store.path
+    assert half.store.manifest["model_fingerprint"] == full.store.manifest["model_fingerprint"] + "-bfloat16"
+    assert half.load().model.dtype == torch.bfloat16
+    # read back (not extracted again) with the same dtype, on the device named
+    again = open_features(model, "random", limit=2, root=tmp_path, benchmark_dir=tiny_benchmark, extract_missing=False,
+                          dtype="bfloat16", device="cpu")
+    assert again.store.path == half.store.path
+
+
+@pytest.mark.parametrize(("keyword", "value", "message"), [
+    ("dtype", "float64", "dtype must be one of float32, bfloat16, float16, got 'float64'"),
+    ("dtype", "fp16", "dtype must be one of float32, bfloat16, float16, got 'fp16'"),
+    ("device", "gpu", "device must be cpu, cuda, cuda:N, mps or auto, got 'gpu'"),
+])
+def test_a_bad_device_or_dtype_is_refused_by_name_before_any_work(keyword, value, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        open_features("no-such-model", "random", limit=2, root=tmp_path, benchmark_dir=tmp_path / "none", **{keyword: value})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_device_dtype(**{"device": "cpu", "dtype": "float32", keyword: value})
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_chapter_refuses_a_bad_dtype_before_any_work(tmp_path):
+    """The runner executes chapter 01's parameter check first: ``-p dtype float64`` fails naming the choices."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "VRP_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "vrp_utils.run", "01_attention", "-p", "dtype", "float64"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "dtype must be one of float32, bfloat16, float16, got 'float64'" in done.stdout + done.stderr
+    assert not (tmp_path / "features").exists()

@@ -78,3 +78,19 @@ def test_masked_pass_answers_the_masked_images(name, tiny_model_dir, tiny_loaded
     assert other.identity("x") != plan.identity("x")
     box = masking.plan(features, "box", 0.3, None, "mean", seed=1)
     assert set(box.tokens) == set(distinct.loc[distinct["label"] == "yes", "distinct_id"])
+
+
+def test_a_bfloat16_chapters_masked_pass_is_bfloat16(tiny_model_dir, tiny_benchmark, tmp_path):
+    """A masked pass derived from bfloat16 features runs in bfloat16: its store's model fingerprint says so."""
+    from vrp_utils.extract.store import FeatureStore
+
+    features = open_features(str(tiny_model_dir("zoo-qwen2-vl")), "random", limit=2, root=tmp_path,
+                             benchmark_dir=tiny_benchmark, progress=False, dtype="bfloat16")
+    before = set(tmp_path.iterdir())
+    masked = masking.masked_pass(features, masking.plan(features, "random", 0.5, None, 0, seed=1), progress=False)
+    assert len(masked) == len(features.distinct) + int(features.store.n_errors)
+    (path,) = set(tmp_path.iterdir()) - before
+    manifest = FeatureStore.open(path).manifest
+    assert manifest["model_fingerprint"].endswith("-bfloat16")
+    assert manifest["model_fingerprint"] == features.store.manifest["model_fingerprint"]
+    assert manifest["settings"]["intervention"]["kind"] == "patch_mask"

@@ -69,11 +69,13 @@ def pool_settings(pool: int, temperature: float, top_p: float, seed: int = 0, ba
 
 
 def open_samples(features, pool: int, temperature: float, top_p: float, seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """The sample pool of every distinct input of ``features`` (cached store beside the greedy one), joined to greedy correctness."""
+    """The sample pool of every distinct input of ``features`` (cached store beside the greedy one; on the features'
+    device, in their dtype), joined to greedy correctness."""
     from vrp_utils.extract.features import open_or_extract
 
     store = open_or_extract(features.model, features.inputs, pool_settings(pool, temperature, top_p, seed),
-                            root=features.store.path.parent, progress=progress)
+                            root=features.store.path.parent, progress=progress, device=features.device,
+                            dtype=features.dtype)
     table = store.table().rename(columns={"question_id": "distinct_id"})
     keep = ["distinct_id", "answer", "sample_parsed", "sample_first_token", "resolve_parsed", "nucleus_ids",
             "nucleus_probs", "nucleus_decision"]
@@ -161,13 +163,14 @@ def consistency_frame(frame: pd.DataFrame, k: int, k_sweep: Sequence[int]) -> pd
 
 
 def _pool_job(model: str, settings: tuple[str, ...], limit: int | None, pool: int, temperature: float, top_p: float,
-              seed: int) -> str:
+              seed: int, device: str = "cpu", dtype: str = "float32") -> str:
     import torch
 
     from vrp_utils.extract.features import open_features
 
     torch.set_num_threads(1)  # one thread per model, as `make features`: bytes independent of the machine's cores
-    frame = open_samples(open_features(model, settings, limit, progress=False), pool, temperature, top_p, seed, progress=False)
+    features = open_features(model, settings, limit, progress=False, device=device, dtype=dtype)
+    frame = open_samples(features, pool, temperature, top_p, seed, progress=False)
     return frame.attrs["store"]
 
 
@@ -179,25 +182,27 @@ def missing_pools(features: dict, pool: int, temperature: float, top_p: float, s
     for name, f in features.items():
         try:
             open_or_extract(f.model, f.inputs, pool_settings(pool, temperature, top_p, seed), root=f.store.path.parent,
-                            extract_missing=False)
+                            extract_missing=False, device=f.device, dtype=f.dtype)
         except FileNotFoundError:
             missing.append(name)
     return missing
 
 
 def build_pools(models: Sequence[str], settings: tuple[str, ...], limit: int | None, pool: int, temperature: float,
-                top_p: float, seed: int = 0, jobs: int = 2) -> None:
-    """Extract the sample pools of ``models``, ``jobs`` models side by side (spawned processes, one thread each)."""
+                top_p: float, seed: int = 0, jobs: int = 2, *, device: str = "cpu", dtype: str = "float32") -> None:
+    """Extract the sample pools of ``models``, ``jobs`` models side by side (spawned processes, one thread each), on
+    ``device`` in ``dtype`` (those the chapter opened the models' features with)."""
     if not models:
         return
     if jobs <= 1 or len(models) <= 1:
         for model in models:
-            _pool_job(model, settings, limit, pool, temperature, top_p, seed)
+            _pool_job(model, settings, limit, pool, temperature, top_p, seed, device, dtype)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=min(jobs, len(models)), mp_context=multiprocessing.get_context("spawn")) as executor:
-        futures = [executor.submit(_pool_job, m, settings, limit, pool, temperature, top_p, seed) for m in models]
+        futures = [executor.submit(_pool_job, m, settings, limit, pool, temperature, top_p, seed, device, dtype)
+                   for m in models]
         for future in futures:
             future.result()

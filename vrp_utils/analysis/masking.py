@@ -139,8 +139,10 @@ def plan(features, condition: str, fraction: float, layer: int | None = None, fi
 MASKED_BATCH_SIZE = 64
 
 
-def _masked_pass_job(model_dir: str, dataset, root, mask_plan: MaskPlan, source: str, progress: bool):
-    """One masked greedy pass (a worker process of its own when run side by side: one torch thread); its store path."""
+def _masked_pass_job(model_dir: str, dataset, root, mask_plan: MaskPlan, source: str, progress: bool,
+                     device: str = "cpu", dtype: str = "float32"):
+    """One masked greedy pass (a worker process of its own when run side by side: one torch thread), on ``device``
+    in ``dtype`` (the features'); its store path."""
     import torch
     from transformers import AutoConfig
 
@@ -157,7 +159,7 @@ def _masked_pass_job(model_dir: str, dataset, root, mask_plan: MaskPlan, source:
         return mask_image(image, mask, mask_plan.fill)
 
     settings = ExtractionSettings(attention=False, hidden=False, batch_size=MASKED_BATCH_SIZE)
-    store = open_or_extract(model_dir, dataset, settings, root=root, progress=progress,
+    store = open_or_extract(model_dir, dataset, settings, root=root, progress=progress, device=device, dtype=dtype,
                             intervention=Intervention(mask_plan.identity(source), transform))
     return store.path
 
@@ -165,7 +167,7 @@ def _masked_pass_job(model_dir: str, dataset, root, mask_plan: MaskPlan, source:
 def _pass_arguments(features, mask_plan: MaskPlan, progress: bool) -> tuple:
     wanted = sorted(mask_plan.tokens)
     return (str(features.model_dir), features.inputs.select([i - 1 for i in wanted]), features.store.path.parent,
-            mask_plan, features.store.path.name, progress)
+            mask_plan, features.store.path.name, progress, features.device, features.dtype)
 
 
 def _masked_table(path) -> pd.DataFrame:

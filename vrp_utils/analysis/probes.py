@@ -458,9 +458,10 @@ class LogitLens:
     def logits(self, states) -> "torch.Tensor":  # noqa: F821
         import torch
 
+        head, norm = self.model.get_output_embeddings(), self.model.get_decoder().norm
         with torch.no_grad():
-            h = torch.as_tensor(np.asarray(states), dtype=next(self.model.parameters()).dtype)
-            logits = self.model.get_output_embeddings()(self.model.get_decoder().norm(h)).float()
+            h = torch.as_tensor(np.asarray(states)).to(norm.weight.device, norm.weight.dtype)
+            logits = head(norm(h).to(head.weight.device)).float().cpu()
             if self.softcap is not None:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -474,8 +475,9 @@ class LogitLens:
 
 
 def logit_lens(features, loaded=None, n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per input and layer margins (``margins``) and per layer AUROCs and mean truth margins (``table``)."""
-    lens = LogitLens(str(features.model_dir), loaded)
+    """Per input and layer margins (``margins``) and per layer AUROCs and mean truth margins (``table``); the model
+    (unless ``loaded`` is given) on the features' device in their dtype."""
+    lens = LogitLens(str(features.model_dir), loaded if loaded is not None else features.load())
     distinct = features.distinct
     states = features.store.hidden(None, "last_prompt")
     idx = distinct["array_index"].to_numpy()
@@ -617,15 +619,18 @@ def ablation_plan(weights: np.ndarray, ks: Sequence[int], draws: int, seed: int 
     return plans
 
 
-def _ablation_pass(model_dir: str, dataset, settings, root, layer: int, plan: dict, seed: int, progress: bool):
-    """One ablated greedy pass (one torch thread: a worker process of its own when run side by side); its store path."""
+def _ablation_pass(model_dir: str, dataset, settings, root, layer: int, plan: dict, seed: int, progress: bool,
+                   device: str = "cpu", dtype: str = "float32"):
+    """One ablated greedy pass (one torch thread: a worker process of its own when run side by side), on ``device``
+    in ``dtype`` (the features'); its store path."""
     import torch
 
     from vrp_utils.extract.features import open_or_extract
 
     torch.set_num_threads(1)
     intervention = ablation_intervention(layer, plan["dims"], plan["condition"], plan["k"], plan["draw"], seed)
-    return open_or_extract(model_dir, dataset, settings, root=root, progress=progress, intervention=intervention).path
+    return open_or_extract(model_dir, dataset, settings, root=root, progress=progress, intervention=intervention,
+                           device=device, dtype=dtype).path
 
 
 def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str | Sequence, draws: int = 1, *,
@@ -651,7 +656,7 @@ def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str
                       "layer": layers[name], "passes": len(plans)}
         tasks += [(name, plan) for plan in plans]
     calls = [(str(features[name].model_dir), features[name].inputs, settings, features[name].store.path.parent, layers[name],
-              plan, seed, progress and jobs <= 1) for name, plan in tasks]
+              plan, seed, progress and jobs <= 1, features[name].device, features[name].dtype) for name, plan in tasks]
     paths = side_by_side(_ablation_pass, calls, jobs)
     rows = []
     for (name, plan), path in zip(tasks, paths):
@@ -671,8 +676,9 @@ def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str
     return pd.DataFrame.from_records(rows), info
 
 
-def _untrained_job(model_dir: str, dataset, root, seed: int, progress: bool):
-    """The untrained twin's store path (one torch thread: a worker process of its own when run side by side)."""
+def _untrained_job(model_dir: str, dataset, root, seed: int, progress: bool, device: str = "cpu", dtype: str = "float32"):
+    """The untrained twin's store path (one torch thread: a worker process of its own when run side by side), on
+    ``device`` in ``dtype`` (the features')."""
     import torch
 
     from vrp_utils.extract.engine import ExtractionSettings
@@ -682,7 +688,7 @@ def _untrained_job(model_dir: str, dataset, root, seed: int, progress: bool):
     torch.set_num_threads(1)
     twin = untrained_twin(model_dir, seed)
     return open_or_extract(str(twin), dataset, ExtractionSettings(max_new_tokens=1, attention=False, batch_size=64),
-                           root=root, progress=progress).path
+                           root=root, progress=progress, device=device, dtype=dtype).path
 
 
 def untrained_stores(features: Mapping, seed: int = 0, progress: bool = True, jobs: int = 1) -> dict:
@@ -690,7 +696,8 @@ def untrained_stores(features: Mapping, seed: int = 0, progress: bool = True, jo
     (one prefill step, no attention); ``jobs`` twins side by side."""
     from vrp_utils.extract.store import FeatureStore
 
-    calls = [(str(f.model_dir), f.inputs, f.store.path.parent, seed, progress and jobs <= 1) for f in features.values()]
+    calls = [(str(f.model_dir), f.inputs, f.store.path.parent, seed, progress and jobs <= 1, f.device, f.dtype)
+             for f in features.values()]
     return {name: FeatureStore.open(path) for name, path in zip(features, side_by_side(_untrained_job, calls, jobs))}
 
 

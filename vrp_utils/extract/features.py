@@ -74,6 +74,19 @@ def parse_models(models: str | Sequence[str]) -> list[str]:
     return names
 
 
+def check_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """A chapter's or caller's ``device`` and ``dtype``, checked by the extraction CLI's own rules.
+
+    Returns the canonical device (``cuda:0``, ``cpu``, ...) and the dtype's name; an unknown value, or a device
+    this machine lacks, is refused naming the choices (:func:`~vrp_utils.extract.scale.parse_device`,
+    :func:`~vrp_utils.extract.scale.parse_dtype`), before any store is opened or model loaded.
+    """
+    from vrp_utils.extract.scale import parse_device, parse_dtype
+
+    parse_dtype(dtype, "dtype")
+    return parse_device(device, "device"), dtype
+
+
 def distinct_inputs(splits: Mapping[str, Any]) -> tuple[Any, pd.DataFrame]:
     """The distinct (image, question) inputs of ``splits`` as one dataset, and each row's place in it.
 
@@ -165,6 +178,11 @@ class Features:
     settings: tuple[str, ...]
     #: The distinct inputs (a ``datasets.Dataset``; row ``distinct_id - 1``), for images and boxes.
     inputs: Any = field(repr=False, default=None)
+    #: Where a missing store of a pass derived from these features (masked, ablated, sampled, untrained twin)
+    #: is extracted; not part of any store's identity.
+    device: str = "cpu"
+    #: The precision of the store and of every derived pass (part of their identities: ``<weights>-<dtype>``).
+    dtype: str = "float32"
 
     @cached_property
     def _joined(self) -> pd.DataFrame:
@@ -210,6 +228,13 @@ class Features:
         """The (PIL) image of a distinct input."""
         return self.inputs[int(distinct_id) - 1]["image"].convert("RGB")
 
+    def load(self) -> Any:
+        """The model itself on the features' device in their dtype (for what runs outside a store: the logit
+        lens, timings), as :func:`~vrp_utils.extract.scale.load_placed` gives it."""
+        from vrp_utils.extract.scale import load_placed, parse_dtype
+
+        return load_placed(self.model_dir, self.device, parse_dtype(self.dtype))
+
     @property
     def n_layers(self) -> int:
         return int(self.store.attention().shape[1])
@@ -228,16 +253,20 @@ def open_or_extract(
     root: Path = STORE_DIR,
     extract_missing: bool = True,
     progress: bool = True,
+    device: str = "cpu",
     dtype: str = "float32",
 ) -> FeatureStore:
     """The finished store of ``model`` over ``dataset`` (opened without loading the model), or extract it first.
 
     ``dtype`` names the precision the store was extracted in (``python -m vrp_utils.extract --dtype``; part of
-    its identity): a bfloat16 store extracted on GPUs is read with ``dtype="bfloat16"``.
+    its identity): a bfloat16 store extracted on GPUs is read with ``dtype="bfloat16"``. ``device`` is where a
+    missing store is extracted (``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``); it is not part of the
+    store's identity. Both are checked first (:func:`check_device_dtype`).
     """
     from vrp_utils.extract.scale import dtype_fingerprint, load_placed, parse_dtype
     from vrp_utils.models.loading import fingerprint_files, resolve_model_dir
 
+    device, dtype = check_device_dtype(device, dtype)
     model_fp = dtype_fingerprint(fingerprint_files(resolve_model_dir(model)), parse_dtype(dtype))
     with _quiet_datasets():
         dataset_fp = dataset_fingerprint(dataset)
@@ -252,7 +281,7 @@ def open_or_extract(
         return FeatureStore.open(path, expect=expect)
     if not extract_missing:
         raise FileNotFoundError(f"no finished feature store for {model} at {path}; run `make features` or open with extract_missing=True")
-    loaded = load_placed(model, "cpu", parse_dtype(dtype))
+    loaded = load_placed(model, device, parse_dtype(dtype))
     waited = 0.0
     while True:
         try:
@@ -279,16 +308,20 @@ def open_features(
     benchmark_dir: Path = BENCHMARK_DIR,
     extract_missing: bool = True,
     progress: bool = True,
+    device: str = "cpu",
     dtype: str = "float32",
 ) -> Features:
     """Open ``model``'s features for ``settings`` (extracting the distinct inputs first if absent).
 
     ``model`` is a zoo name, a directory or a cached hub id; ``splits`` (setting -> dataset) replaces
     the embedded benchmark, e.g. real POPE files loaded with ``load_pope``; ``dtype`` the precision the
-    store was extracted in (``python -m vrp_utils.extract --dtype``).
+    store was extracted in (``python -m vrp_utils.extract --dtype``); ``device`` where a missing store is
+    extracted. The :class:`Features` record both: every pass derived from them (masking, ablation, sampling,
+    the untrained twin) runs on that device in that dtype.
     """
     from vrp_utils.models.loading import read_model_type, resolve_model_dir
 
+    device, dtype = check_device_dtype(device, dtype)
     if splits is None:
         chosen = parse_settings(settings)
         splits = benchmark_splits(chosen, limit, benchmark_dir)
@@ -301,8 +334,8 @@ def open_features(
     model_dir = resolve_model_dir(model)
     model_type = read_model_type(model_dir)
     store = open_or_extract(model, dataset, extraction, root=root, extract_missing=extract_missing, progress=progress,
-                            dtype=dtype)
-    return Features(str(model), model_dir, model_type, store, membership, chosen, dataset)
+                            device=device, dtype=dtype)
+    return Features(str(model), model_dir, model_type, store, membership, chosen, dataset, device, dtype)
 
 
 def language_model_shape(model: str) -> tuple[int, int]:

@@ -67,31 +67,40 @@ class ShardMismatchError(StoreError):
 
 
 # ------------------------------------------------------------------------------------------ device and dtype
-def parse_dtype(name: str) -> torch.dtype:
-    """``"float32"``, ``"bfloat16"`` or ``"float16"`` -> the torch dtype; anything else is refused by name."""
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+def parse_dtype(name: str, option: str = "--dtype") -> torch.dtype:
+    """``"float32"``, ``"bfloat16"`` or ``"float16"`` -> the torch dtype; anything else is refused by name.
+
+    ``option`` is what the caller calls it in the message (``--dtype`` on the CLI, ``dtype`` in a notebook).
+    """
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ValueError(f"{option} must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
-def parse_device(name: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (spread over all GPUs), checked against this machine."""
+def parse_device(name: str, option: str = "--device") -> str:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (spread over all GPUs), checked against this machine.
+
+    ``option`` is what the caller calls it in the message (``--device`` on the CLI, ``device`` in a notebook).
+    """
+    choices = f"{option} must be cpu, cuda, cuda:N, mps or auto, got {name!r}"
+    if not isinstance(name, str):
+        raise ValueError(choices)
     if name == "auto":
         return name
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"--device must be cpu, cuda, cuda:N, mps or auto, got {name!r} ({error})") from error
+        raise ValueError(f"{choices} ({error})") from error
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device is visible here (torch.cuda.is_available() is False); "
-                             "use --device cpu")
+            raise ValueError(f"{option} {name}: no CUDA device is visible here (torch.cuda.is_available() is False); "
+                             f"use {option} cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ValueError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+        raise ValueError(f"{option} {name}: MPS is not available here; use {option} cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device must be cpu, cuda, cuda:N, mps or auto, got {name!r}")
+        raise ValueError(choices)
     return str(device)
 
 
