@@ -638,9 +638,10 @@ def test_writer_summary_counts_buffered_and_committed_rows(tmp_path: Path) -> No
         "n_expected": 6, "n_ok": 2, "n_error": 3, "error_reasons": {"oom": 2, "parse_failed": 1}, "complete": False,
     }
     resumed.add(*make_example(5, 4))
-    assert resumed.finalize().summary() == {
-        "n_expected": 6, "n_ok": 3, "n_error": 3, "error_reasons": {"oom": 2, "parse_failed": 1}, "complete": True,
-    }
+    assert resumed.manifest_without_store() == MANIFEST
+    final = {"n_expected": 6, "n_ok": 3, "n_error": 3, "error_reasons": {"oom": 2, "parse_failed": 1}, "complete": True}
+    assert resumed.finalize().summary() == final
+    assert resumed.complete and resumed.summary() == final
 
 
 def test_partial_store_with_nothing_committed_opens_empty(tmp_path: Path) -> None:
