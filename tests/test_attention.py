@@ -697,3 +697,22 @@ def test_attention_sinks_refused():
         with torch.no_grad(), AttentionRecorder(model, [torch.tensor([0, 1])]):
             model(input_ids=torch.tensor([[3, 4, 5, 6]]))
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_prefill_into_a_static_cache_matches_eager(family):
+    """A static cache holds more key slots than the prompt; sdpa then runs mask-free with ``is_causal`` and crops
+    the keys to the query length (upper-left causal), and the recorded row must leave the empty slots out too.
+    (Decoding on from such a cache is refused: the keys stop growing with the positions.)"""
+    from transformers import StaticCache
+
+    p = _build(family, seed=36)
+    batch = _batch(family, [_example(family, 5, seed=37)])
+    keys = _image_positions(batch)
+    n = batch["input_ids"].shape[1]
+    cache = StaticCache(config=p.model.config, max_cache_len=n + 6)
+    with torch.no_grad(), AttentionRecorder(p.model, keys) as recorder:
+        p.model(**batch, cache=cache, use_cache=True)
+    diff = (recorder.rows() - _eager_rows(p.eager, batch, [n - 1], keys)).abs().max().item()
+    _note(f"{family} prefill into a static cache rows vs eager", diff)
+    assert diff < ROW_TOL
