@@ -795,13 +795,19 @@ def test_create_or_resume_validates_its_arguments(tmp_path: Path) -> None:
         FeatureStore.create_or_resume(path, MANIFEST, ["e0", "", 3])
     with pytest.raises(ValueError, match=re.escape("expected_ids has duplicates: ['a', 'b'] (2 in all)")):
         FeatureStore.create_or_resume(path, MANIFEST, ["b", "a", "c", "a", "b"])
+    with pytest.raises(ValueError, match=re.escape("expected_ids has duplicates: ['a', 'b', 'c', 'd', 'e'] (6 in all)")):
+        FeatureStore.create_or_resume(path, MANIFEST, list("abcdef") * 2)
+    with pytest.raises(TypeError, match=re.escape("expected_ids must be non-empty strings; got [1, 2, 3, 4, 5]")):
+        FeatureStore.create_or_resume(path, MANIFEST, [1, 2, 3, 4, 5, 6])
     assert not path.exists()  # nothing was created by a refused call
     path.mkdir()
     (path / "results.csv").write_text("x")
     with pytest.raises(StoreError, match=re.escape("has no manifest.json but is not empty (['results.csv'])")):
         FeatureStore.create_or_resume(path, MANIFEST, ["e0"])
     (path / "results.csv").unlink()
-    FeatureStore.create_or_resume(path, MANIFEST, ["e0"]).close()  # the lock file alone is fine
+    (path / "expected_ids.json").write_text("[")  # killed between writing the ids and the manifest
+    FeatureStore.create_or_resume(path, MANIFEST, ["e0"]).close()  # the lock file and ids alone are fine
+    assert json.loads((path / "expected_ids.json").read_text()) == ["e0"]
     with pytest.raises(StaleStoreError, match=re.escape("ragged arrays {'attention': 'n_image_tokens'} != {'attention': 'k'}")):
         FeatureStore.create_or_resume(path, MANIFEST, ["e0"], ragged_arrays={"attention": "k"})
     with pytest.raises(StaleStoreError, match=r"made for 1 other expected ids \(sha256 [0-9a-f]{12}\), the caller expects 2"):
@@ -965,3 +971,49 @@ def test_open_expect_is_compared_after_json_normalisation(tmp_path: Path) -> Non
     assert store.complete
     with pytest.raises(StaleStoreError, match=r"\n  settings: store has \{\"layers\":\[0,1\]\}, expected \{\"layers\":\[1,0\]\}"):
         FeatureStore.open(path, expect={"settings": {"layers": (1, 0)}})
+
+
+def test_each_commit_is_made_durable_by_syncing_its_directory(tmp_path: Path, monkeypatch) -> None:
+    """manifest.json, every chunk's commit.json and complete.json: renamed into place, then the directory fsync'ed
+    (a rename is durable only once its directory is)."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(("replace", Path(dst).name))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, [f"e{i}" for i in range(3)], chunk_size=2)
+    for i in range(3):
+        writer.add(*make_example(i, 4))
+    writer.finalize()
+    for name, directory in (("manifest.json", "s"), ("c000000.commit.json", "chunks"), ("c000001.commit.json", "chunks"),
+                            ("complete.json", "s")):
+        i = events.index(("replace", name))
+        assert events[i + 1] == ("fsync", directory), (name, events[i : i + 2])
+    data_files = [name for kind, name in events if kind == "replace" and not name.endswith(".json")]
+    for name in data_files:  # every data file was fsync'ed (as its temporary) before its rename
+        i = events.index(("replace", name))
+        assert any(kind == "fsync" and synced.startswith(f".{name}.") for kind, synced in events[:i]), name
+
+
+def test_resumed_writer_keeps_the_array_specs_and_the_chunk_numbering(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    ids = partial_store(path)  # chunks c000000 .. c000002
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    with pytest.raises(ValueError, match=r"hidden_last_prompt: <f4 \[2, 9\]\} do not match earlier examples'"):
+        writer.add(*make_example(6, 3, width=9))
+    with pytest.raises(TypeError, match="record types clash with earlier rows"):
+        writer.add({**make_example(6, 3)[0], "correct": "yes"}, make_example(6, 3)[1])
+    writer.add(*make_example(6, 3))
+    writer.add(*make_example(7, 4))
+    assert (path / "chunks" / "c000003.commit.json").is_file()
+    assert sorted(p.name for p in (path / "chunks").glob("*.commit.json")) == [f"c00000{i}.commit.json" for i in range(4)]
+    store = writer.finalize()
+    np.testing.assert_array_equal(store.attention()[7, ..., :4], make_example(7, 4)[1]["attention"])
