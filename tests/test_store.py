@@ -605,6 +605,8 @@ def test_store_identity_refuses_settings_that_are_not_a_json_dict() -> None:
         store_identity("m", "d", [("a", 1)], "v1")
     with pytest.raises(TypeError, match=r"^settings: value of type object is not JSON-serialisable"):
         store_identity("m", "d", {"a": object()}, "v1")
+    with pytest.raises(ValueError, match="not JSON compliant"):  # NaN has no JSON spelling: never in an identity
+        store_identity("m", "d", {"threshold": float("nan")}, "v1")
     identity = store_identity("m", "d", {"a": np.int64(3), "b": (np.float32(0.5), Path("x/y"))}, "v1")
     assert identity == {"model_fingerprint": "m", "dataset_fingerprint": "d", "code_version": "v1",
                         "settings": {"a": 3, "b": [0.5, "x/y"]}}
@@ -668,7 +670,8 @@ def test_partial_store_reads_the_committed_rows_and_arrays(tmp_path: Path) -> No
     assert list(store.table()["id"]) == [f"e{i}" for i in range(6)]
     assert repr(store) == f"FeatureStore({str(path)!r}, partial, n_ok=6, n_error=0)"
     assert store.array_names == ["attention", "hidden_answer_mean", "hidden_last_prompt"]
-    assert store.attention().shape == (6, 2, 3, 1, 5)
+    assert store.attention().shape == (6, 2, 3, 1, 5) and store.attention().dtype == np.float16
+    assert store.hidden().dtype == np.float32
     np.testing.assert_array_equal(store.image_token_counts(), [3 + i % 3 for i in range(6)])
     for i in range(6):
         arrays = make_example(i, 3 + i % 3)[1]
@@ -734,7 +737,7 @@ def test_store_of_another_format_version_is_refused(tmp_path: Path) -> None:
         FeatureStore.open(path)
     with pytest.raises(StaleStoreError, match=expected):
         FeatureStore.create_or_resume(path, MANIFEST, [f"e{i}" for i in range(5)])
-    (path / "manifest.json").write_text(json.dumps({**manifest, "store": {}}))
+    (path / "manifest.json").write_text(json.dumps({key: value for key, value in manifest.items() if key != "store"}))
     with pytest.raises(StaleStoreError, match=r"store format None vNone"):
         FeatureStore.open(path)
 
@@ -969,8 +972,21 @@ def test_open_expect_is_compared_after_json_normalisation(tmp_path: Path) -> Non
     complete_store(path)
     store = FeatureStore.open(path, expect={"settings": {"layers": (np.int64(0), 1)}, "code_version": "v1"})
     assert store.complete
-    with pytest.raises(StaleStoreError, match=r"\n  settings: store has \{\"layers\":\[0,1\]\}, expected \{\"layers\":\[1,0\]\}"):
+    with pytest.raises(StaleStoreError, match=re.escape(f"stale feature store {path}: manifest does not match")
+                       + r".*\n  settings: store has \{\"layers\":\[0,1\]\}, expected \{\"layers\":\[1,0\]\}"):
         FeatureStore.open(path, expect={"settings": {"layers": (1, 0)}})
+
+
+def test_reading_a_partial_store_changes_nothing_on_disk(tmp_path: Path) -> None:
+    """A reader may look at a store while its writer runs: it must not delete the writer's unfinished files."""
+    path = tmp_path / "s"
+    partial_store(path)
+    chunks = path / "chunks"
+    (chunks / "c000003.table.parquet").write_bytes(b"being written")  # no commit.json yet
+    (chunks / ".c000003.attention.npy.x1.tmp").write_bytes(b"half")
+    before = sorted(p.name for p in chunks.iterdir())
+    assert FeatureStore.open(path, allow_partial=True).n_ok == 6
+    assert sorted(p.name for p in chunks.iterdir()) == before
 
 
 def test_each_commit_is_made_durable_by_syncing_its_directory(tmp_path: Path, monkeypatch) -> None:
