@@ -1033,3 +1033,22 @@ def test_resumed_writer_keeps_the_array_specs_and_the_chunk_numbering(tmp_path: 
     assert sorted(p.name for p in (path / "chunks").glob("*.commit.json")) == [f"c00000{i}.commit.json" for i in range(4)]
     store = writer.finalize()
     np.testing.assert_array_equal(store.attention()[7, ..., :4], make_example(7, 4)[1]["attention"])
+
+
+def test_record_fields_none_nested_and_promoted_within_a_chunk(tmp_path: Path) -> None:
+    """None fields, int and float rows of one field in the same chunk (promoted to float), and an unstorable value
+    nested in a list, reported with its example and field."""
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ["e0", "e1", "e2"], chunk_size=3)
+    record, arrays = make_example(0, 3)
+    with pytest.raises(TypeError, match=r"^example 'e0' field 'tags': value of type object cannot be stored"):
+        writer.add({**record, "tags": [1, object()]}, arrays)
+    with pytest.raises(TypeError, match=r"^example 'e0' field 'nested': value of type object cannot be stored"):
+        writer.add({**record, "nested": {"a": [object()]}}, arrays)
+    with pytest.raises(TypeError, match=r"^example 'e0' field 'arr': value of type object cannot be stored"):
+        writer.add({**record, "arr": np.array([object()], dtype=object)}, arrays)
+    writer.add({**record, "score": 1, "answer": None}, arrays)
+    writer.add({**make_example(1, 3)[0], "score": 0.5, "answer": "yes"}, make_example(1, 3)[1])
+    writer.add_error("e2", "oom", {"score": None})
+    table = writer.finalize().table(include_errors=True)
+    assert table["score"].tolist()[:2] == [1.0, 0.5] and str(table["score"].dtype) == "float64"
+    assert table["answer"].isna().tolist() == [True, False, True] and table.loc[1, "answer"] == "yes"
