@@ -828,7 +828,7 @@ def test_bad_ids_records_and_arrays_are_refused_at_add(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"record must be a dict with an 'id' field"):
         writer.add({"question": "q"}, arrays)
     for key in ("", "_private", 7):
-        with pytest.raises(ValueError, match=rf"record field names must be non-empty str not starting with '_', got {key!r}"):
+        with pytest.raises(ValueError, match=rf"^example 'e0': record field names must be non-empty str not starting with '_', got {key!r}"):
             writer.add({**record, key: 1}, arrays)
     with pytest.raises(ValueError, match=r"record\['id'\] is 'e1'"):
         writer.add_error("e0", "oom", {"id": "e1"})
@@ -1052,3 +1052,15 @@ def test_record_fields_none_nested_and_promoted_within_a_chunk(tmp_path: Path) -
     table = writer.finalize().table(include_errors=True)
     assert table["score"].tolist()[:2] == [1.0, 0.5] and str(table["score"].dtype) == "float64"
     assert table["answer"].isna().tolist() == [True, False, True] and table.loc[1, "answer"] == "yes"
+
+
+def test_resume_promotes_a_field_that_is_int_in_one_chunk_and_float_in_another(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    ids = ["e0", "e1", "e2"]
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=1)
+    writer.add({**make_example(0, 3)[0], "score": 1}, make_example(0, 3)[1])
+    writer.add({**make_example(1, 3)[0], "score": 0.5}, make_example(1, 3)[1])
+    writer.close()
+    resumed = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=1)
+    resumed.add({**make_example(2, 3)[0], "score": 2}, make_example(2, 3)[1])
+    assert resumed.finalize().table()["score"].tolist() == [1.0, 0.5, 2.0]
