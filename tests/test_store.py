@@ -835,16 +835,16 @@ def test_bad_ids_records_and_arrays_are_refused_at_add(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"record field 'array_index' is reserved"):
         writer.add({**record, "array_index": 0}, arrays)
     for name in ("table", "1st", "a-b", 5):
-        with pytest.raises(ValueError, match=rf"bad array name {name!r}"):
+        with pytest.raises(ValueError, match=rf"^example 'e0': bad array name {name!r}"):
             writer.add(record, {**arrays, name: np.zeros(2)})
     for value, described in ((np.array(["a"], dtype=object), "object (1,)"), (np.float32(1), "float32 ()")):
         with pytest.raises(ValueError, match=re.escape(f"array 'extra' must be a numeric array with >= 1 axis, got {described}")):
             writer.add(record, {**arrays, "extra": value})
-    with pytest.raises(TypeError, match=r"field 'big' cannot be stored in the table"):
+    with pytest.raises(TypeError, match=r"^example 'e0': field 'big' cannot be stored in the table"):
         writer.add({**record, "big": 2**70}, arrays)
     with pytest.raises(TypeError, match=r"^example 'e0' field 'obj': value of type object cannot be stored in the table: <object"):
         writer.add({**record, "obj": object()}, arrays)
-    writer.add({**record, "error": None, "n_image_tokens": 4}, arrays)  # explicit None error, matching length: fine
+    writer.add({"error": None, **record, "n_image_tokens": 4}, arrays)  # explicit None error, matching length: fine
     writer.add_error("e1", "oom", {"id": "e1", "error": "oom", "note": b"\x00raw"})
     record2, arrays2 = make_example(2, 6)
     del arrays2["hidden_answer_mean"]
@@ -856,6 +856,7 @@ def test_bad_ids_records_and_arrays_are_refused_at_add(tmp_path: Path) -> None:
     writer.add({**record2, "mapping": {1: (np.int8(2), np.int64(3))}, "pair": (1, 2)}, make_example(2, 6)[1])
     writer.add_error("e3", "oom")
     table = writer.finalize().table(include_errors=True)
+    assert table.loc[0, "question"] == "q0" and table.loc[0, "n_image_tokens"] == 4  # fields after "error" kept
     assert table.loc[1, "note"] == b"\x00raw"
     assert table.loc[2, "pair"].tolist() == [1, 2]
     assert list(table.loc[2, "mapping"]) == ["1"] and table.loc[2, "mapping"]["1"].tolist() == [2, 3]
@@ -1064,3 +1065,14 @@ def test_resume_promotes_a_field_that_is_int_in_one_chunk_and_float_in_another(t
     resumed = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=1)
     resumed.add({**make_example(2, 3)[0], "score": 2}, make_example(2, 3)[1])
     assert resumed.finalize().table()["score"].tolist() == [1.0, 0.5, 2.0]
+
+
+def test_arrays_of_a_store_without_ragged_arrays_must_match_exactly(tmp_path: Path) -> None:
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ["e0", "e1"], ragged_arrays={})
+    writer.add({"id": "e0"}, {"attention": np.zeros((2, 4), np.float16)})
+    with pytest.raises(ValueError, match=re.escape("arrays {attention: <f2 [2, 5]} do not match earlier examples' "
+                                                   "{attention: <f2 [2, 4]}") + "$"):
+        writer.add({"id": "e1"}, {"attention": np.zeros((2, 5), np.float16)})
+    writer.add({"id": "e1"}, {"attention": np.ones((2, 4), np.float16)})
+    store = writer.finalize()
+    assert "n_image_tokens" not in store.table().columns and store.attention().shape == (2, 2, 4)
