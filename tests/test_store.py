@@ -792,6 +792,8 @@ def test_create_or_resume_validates_its_arguments(tmp_path: Path) -> None:
     for chunk_size in (0, 2.0):
         with pytest.raises(ValueError, match=rf"^chunk_size must be a positive int, got {chunk_size!r}$"):
             FeatureStore.create_or_resume(path, MANIFEST, ["e0"], chunk_size=chunk_size)
+    with pytest.raises(TypeError, match=r"^manifest: value of type object is not JSON-serialisable"):
+        FeatureStore.create_or_resume(path, {**MANIFEST, "note": object()}, ["e0"])
     with pytest.raises(ValueError, match="manifest key 'store' is reserved"):
         FeatureStore.create_or_resume(path, {**MANIFEST, "store": 1}, ["e0"])
     with pytest.raises(TypeError, match=re.escape("expected_ids must be non-empty strings; got ['', 3]")):
