@@ -619,8 +619,14 @@ def test_resume_refuses_a_manifest_with_a_key_added_or_removed(tmp_path: Path, c
     FeatureStore.create_or_resume(path, {**MANIFEST, "note": "run 1"}, ids).close()
     manifest = {**MANIFEST, "note": "run 1", "seed": 7} if change == "extra key" else MANIFEST
     key = "seed" if change == "extra key" else "note"
-    with pytest.raises(StaleStoreError, match=rf"\n  {key}: store has"):
+    with pytest.raises(StaleStoreError, match=re.escape(f"stale feature store {path}: ") + rf"(.|\n)*\n  {key}: store has"):
         FeatureStore.create_or_resume(path, manifest, ids)
+
+
+def test_store_directory_is_created_with_its_parents(tmp_path: Path) -> None:
+    path = store_path(tmp_path / "not" / "yet", "m", "d", {}, "v1")
+    FeatureStore.create_or_resume(path, MANIFEST, ["e0"]).close()
+    assert (path / "manifest.json").is_file()
 
 
 def test_writer_summary_counts_buffered_and_committed_rows(tmp_path: Path) -> None:
