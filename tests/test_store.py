@@ -432,7 +432,7 @@ def test_stale_manifest_or_ids_raise(tmp_path: Path) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["store"]["library_versions"]["numpy"] = "0.0.1"
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StaleStoreError, match="library versions"):
+    with pytest.raises(StaleStoreError, match=re.escape(f"library versions (numpy: 0.0.1 -> {np.__version__})")):
         FeatureStore.create_or_resume(path, MANIFEST, ids)
 
     done = tmp_path / "done"
