@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from types import ModuleType
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from vrp_utils.extract.store import (
@@ -25,6 +28,7 @@ from vrp_utils.extract.store import (
     FeatureStore,
     IncompleteStoreError,
     StaleStoreError,
+    StoreError,
     StoreLockedError,
     store_identity,
     store_path,
@@ -428,7 +432,7 @@ def test_stale_manifest_or_ids_raise(tmp_path: Path) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["store"]["library_versions"]["numpy"] = "0.0.1"
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StaleStoreError, match="library versions"):
+    with pytest.raises(StaleStoreError, match=re.escape(f"library versions (numpy: 0.0.1 -> {np.__version__})")):
         FeatureStore.create_or_resume(path, MANIFEST, ids)
 
     done = tmp_path / "done"
@@ -568,3 +572,515 @@ def test_verify_notices_a_changed_byte_that_keeps_the_size(tmp_path: Path) -> No
     store = FeatureStore.open(path)  # sizes match: opening stays cheap and does not hash
     with pytest.raises(CorruptStoreError, match=re.escape(str(path / "hidden_answer_mean.npy")) + ": sha256"):
         store.verify()
+
+
+# ------------------------------------------------------------------------- identity, empty and partial
+
+
+def test_store_path_golden_value() -> None:
+    """The directory name is a published identity: readable slugs (cut to 32 characters, ``-``/``.`` trimmed
+    before and after the cut, ``x`` when nothing is left) plus the first 16 hex digits of the sha256 of the
+    canonical identity JSON (sorted keys, no spaces), written out here by hand."""
+    settings = {"b": (1, 2), "a": 1.5}
+    canonical = (
+        '{"code_version":"v3","dataset_fingerprint":"..POPE/coco adversarial, splits v2 of 2014",'
+        '"model_fingerprint":"..Xtra/LLaVA 1.5 (7B) X","settings":{"a":1.5,"b":[1,2]}}'
+    )
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    path = store_path("/stores", "..Xtra/LLaVA 1.5 (7B) X", "..POPE/coco adversarial, splits v2 of 2014", settings, "v3")
+    assert path == Path("/stores") / f"Xtra-LLaVA-1.5-7B-X__POPE-coco-adversarial-splits-v2-{digest}"
+    assert store_path("/stores", "%%%", "d", {}, "v3").name.startswith("x__d-")
+
+
+@pytest.mark.parametrize("value", ["", 3, None])
+@pytest.mark.parametrize("part", ["model_fp", "dataset_fp", "code_version"])
+def test_store_identity_refuses_empty_or_non_string_parts(part: str, value: object) -> None:
+    parts = {"model_fp": "m", "dataset_fp": "d", "settings": {}, "code_version": "v1", part: value}
+    with pytest.raises(ValueError, match=rf"^{part} must be a non-empty string, got {re.escape(repr(value))}$"):
+        store_identity(**parts)
+
+
+def test_store_identity_refuses_settings_that_are_not_a_json_dict() -> None:
+    with pytest.raises(TypeError, match=r"^settings must be a dict, got list$"):
+        store_identity("m", "d", [("a", 1)], "v1")
+    with pytest.raises(TypeError, match=r"^settings: value of type object is not JSON-serialisable"):
+        store_identity("m", "d", {"a": object()}, "v1")
+    with pytest.raises(ValueError, match="not JSON compliant"):  # NaN has no JSON spelling: never in an identity
+        store_identity("m", "d", {"threshold": float("nan")}, "v1")
+    identity = store_identity("m", "d", {"a": np.int64(3), "b": (np.float32(0.5), Path("x/y"))}, "v1")
+    assert identity == {"model_fingerprint": "m", "dataset_fingerprint": "d", "code_version": "v1",
+                        "settings": {"a": 3, "b": [0.5, "x/y"]}}
+
+
+@pytest.mark.parametrize("change", ["extra key", "missing key"])
+def test_resume_refuses_a_manifest_with_a_key_added_or_removed(tmp_path: Path, change: str) -> None:
+    ids = ["e0", "e1"]
+    path = tmp_path / "s"
+    FeatureStore.create_or_resume(path, {**MANIFEST, "note": "run 1"}, ids).close()
+    manifest = {**MANIFEST, "note": "run 1", "seed": 7} if change == "extra key" else MANIFEST
+    key = "seed" if change == "extra key" else "note"
+    with pytest.raises(StaleStoreError, match=re.escape(f"stale feature store {path}: ") + rf"(.|\n)*\n  {key}: store has"):
+        FeatureStore.create_or_resume(path, manifest, ids)
+
+
+def test_store_directory_is_created_with_its_parents(tmp_path: Path) -> None:
+    path = store_path(tmp_path / "not" / "yet", "m", "d", {}, "v1")
+    FeatureStore.create_or_resume(path, MANIFEST, ["e0"]).close()
+    assert (path / "manifest.json").is_file()
+
+
+def test_writer_summary_counts_buffered_and_committed_rows(tmp_path: Path) -> None:
+    ids = [f"e{i}" for i in range(6)]
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ids, chunk_size=3)
+    writer.add(*make_example(0, 4))
+    writer.add_error("e1", "oom")
+    writer.add(*make_example(2, 4))  # commits chunk 0
+    writer.add_error("e3", "parse_failed")
+    writer.add_error("e4", "oom")  # buffered
+    assert writer.summary() == {
+        "n_expected": 6, "n_ok": 2, "n_error": 3, "error_reasons": {"oom": 2, "parse_failed": 1}, "complete": False,
+    }
+    writer.close()
+    resumed = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ids, chunk_size=3)
+    assert resumed.summary() == {
+        "n_expected": 6, "n_ok": 2, "n_error": 3, "error_reasons": {"oom": 2, "parse_failed": 1}, "complete": False,
+    }
+    resumed.add(*make_example(5, 4))
+    assert resumed.manifest_without_store() == MANIFEST
+    final = {"n_expected": 6, "n_ok": 3, "n_error": 3, "error_reasons": {"oom": 2, "parse_failed": 1}, "complete": True}
+    assert resumed.finalize().summary() == final
+    assert resumed.complete and resumed.summary() == final
+
+
+def test_partial_store_with_nothing_committed_opens_empty(tmp_path: Path) -> None:
+    """Killed before its first chunk: the partial store reads as zero rows with the store's own columns."""
+    path = tmp_path / "s"
+    FeatureStore.create_or_resume(path, MANIFEST, ["e0", "e1"]).close()
+    store = FeatureStore.open(path, allow_partial=True)
+    assert not store.complete and store.n_ok == 0 and store.n_errors == 0 and store.array_names == []
+    assert store.summary() == {"n_expected": 2, "n_ok": 0, "n_error": 0, "error_reasons": {}, "complete": False}
+    table = store.table(include_errors=True)
+    assert list(table.columns) == ["id", "error", "array_index", "n_image_tokens"] and len(table) == 0
+    assert repr(store) == f"FeatureStore({str(path)!r}, partial, n_ok=0, n_error=0)"
+    with pytest.raises(IncompleteStoreError, match="not finalized"):
+        store.verify()
+    with pytest.raises(IncompleteStoreError, match="allow_partial=True"):
+        FeatureStore.open(path)
+
+
+def test_partial_store_reads_the_committed_rows_and_arrays(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    partial_store(path)  # e0..e5 committed, e6 and e7 never added
+    store = FeatureStore.open(path, allow_partial=True)
+    assert not store.complete and store.n_ok == 6
+    assert list(store.table()["id"]) == [f"e{i}" for i in range(6)]
+    assert repr(store) == f"FeatureStore({str(path)!r}, partial, n_ok=6, n_error=0)"
+    assert store.array_names == ["attention", "hidden_answer_mean", "hidden_last_prompt"]
+    assert store.attention().shape == (6, 2, 3, 1, 5) and store.attention().dtype == np.float16
+    assert store.hidden().dtype == np.float32
+    np.testing.assert_array_equal(store.image_token_counts(), [3 + i % 3 for i in range(6)])
+    for i in range(6):
+        arrays = make_example(i, 3 + i % 3)[1]
+        np.testing.assert_array_equal(store.attention()[i, ..., : 3 + i % 3], arrays["attention"])
+        assert not store.attention()[i, ..., 3 + i % 3 :].any()
+        np.testing.assert_array_equal(store.hidden(layer=1, kind="answer_mean")[i], arrays["hidden_answer_mean"][1])
+    complete = tmp_path / "c"
+    complete_store(complete)
+    assert repr(FeatureStore.open(complete)) == f"FeatureStore({str(complete)!r}, complete, n_ok=5, n_error=0)"
+
+
+def test_partial_store_with_ids_in_two_chunks_or_unexpected_ids_is_refused(tmp_path: Path) -> None:
+    """Chunks edited outside the writer: the same ids committed twice, or ids missing from expected_ids."""
+    path = tmp_path / "s"
+    ids = partial_store(path)
+    chunks = path / "chunks"
+    shutil.copy(chunks / "c000001.commit.json", chunks / "c000003.commit.json")  # c000001's rows, committed again
+    with pytest.raises(CorruptStoreError, match=re.escape("ids written in more than one chunk: ['e2', 'e3']")):
+        FeatureStore.open(path, allow_partial=True)
+    (chunks / "c000003.commit.json").unlink()
+    (path / "expected_ids.json").write_text(json.dumps(["e0", "e2", "e4", "e5", *ids[6:]]))
+    with pytest.raises(CorruptStoreError, match=re.escape("chunks hold ids that are not in expected_ids: ['e1', 'e3']")):
+        FeatureStore.open(path, allow_partial=True)
+
+
+# --------------------------------------------------------------------- manifest, files on disk, validation
+
+
+def test_manifest_records_format_versions_and_expected_ids_digest(tmp_path: Path, monkeypatch) -> None:
+    """manifest.json: sorted keys, 2-space indent; the ids' sha256 is over their compact JSON list."""
+    import importlib.metadata
+    import platform
+
+    from vrp_utils.extract import store as store_module
+
+    monkeypatch.setattr(store_module, "RECORDED_PACKAGES", ("numpy", "surely-not-an-installed-package"))
+    ids = ["e0", "é1"]
+    path = tmp_path / "s"
+    FeatureStore.create_or_resume(path, MANIFEST, ids, ragged_arrays={"attention": "n_keys"}).close()
+    text = (path / "manifest.json").read_text()
+    manifest = json.loads(text)
+    assert text == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    assert manifest["store"] == {
+        "format": "vrp-feature-store",
+        "format_version": 1,
+        "library_versions": {"python": platform.python_version(), "numpy": importlib.metadata.version("numpy"),
+                             "surely-not-an-installed-package": None},
+        "expected_ids": {"count": 2, "sha256": hashlib.sha256(b'["e0","\\u00e91"]').hexdigest()},
+        "ragged_arrays": {"attention": "n_keys"},
+    }
+    assert {key: value for key, value in manifest.items() if key != "store"} == MANIFEST
+    assert json.loads((path / "expected_ids.json").read_text()) == ids
+
+
+def test_store_of_another_format_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    complete_store(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["store"]["format_version"] = 2
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    expected = re.escape(f"{path / 'manifest.json'}: store format 'vrp-feature-store' v2, this code reads 'vrp-feature-store' v1")
+    with pytest.raises(StaleStoreError, match=expected):
+        FeatureStore.open(path)
+    with pytest.raises(StaleStoreError, match=expected):
+        FeatureStore.create_or_resume(path, MANIFEST, [f"e{i}" for i in range(5)])
+    (path / "manifest.json").write_text(json.dumps({key: value for key, value in manifest.items() if key != "store"}))
+    with pytest.raises(StaleStoreError, match=r"store format None vNone"):
+        FeatureStore.open(path)
+
+
+def test_complete_store_resumes_as_done_under_other_library_versions(tmp_path: Path) -> None:
+    """A finished store is only read: resuming it (other versions, a leftover chunks dir) finishes at once."""
+    path = tmp_path / "s"
+    ids = [f"e{i}" for i in range(4)]
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    writer.add(*make_example(0, 4))
+    writer.add_error("e1", "oom")
+    writer.add_error("e2", "oom")
+    writer.add(*make_example(3, 5))
+    writer.finalize()
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["store"]["library_versions"]["numpy"] = "0.0.1"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "chunks").mkdir()  # finalize killed while deleting its chunks
+    (path / "chunks" / "c000000.table.parquet").write_bytes(b"left over")
+    resumed = FeatureStore.create_or_resume(path, MANIFEST, ids)
+    assert not (path / "chunks").exists()
+    assert resumed.complete and resumed.done_ids() == set(ids)
+    assert resumed.summary() == {"n_expected": 4, "n_ok": 2, "n_error": 2, "error_reasons": {"oom": 2}, "complete": True}
+    store = resumed.finalize()
+    assert store.complete and list(store.table()["id"]) == ["e0", "e3"]
+    np.testing.assert_array_equal(store.attention()[1], make_example(3, 5)[1]["attention"])
+
+
+def test_resume_removes_only_temporaries_and_keeps_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    ids = partial_store(path)
+    for directory in (path, path / "chunks"):
+        (directory / ".table.parquet.abc.tmp").write_bytes(b"half written")
+        (directory / ".keep").write_bytes(b"")
+        (directory / "notes.tmp").write_bytes(b"")
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    for directory in (path, path / "chunks"):
+        assert not (directory / ".table.parquet.abc.tmp").exists()
+        assert (directory / ".keep").exists() and (directory / "notes.tmp").exists()
+    assert (path / ".writer.lock").exists()
+    with pytest.raises(StoreLockedError, match=re.escape(f"another process is writing feature store {path}")):
+        FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    assert writer.done_ids() == set(ids[:6])
+    writer.close()
+    writer.close()  # closing twice is a no-op
+    with pytest.raises(StoreError, match=re.escape(f"writer for {path} is closed")):
+        writer.add(*make_example(6, 3))
+
+
+def test_create_or_resume_validates_its_arguments(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    for chunk_size in (0, 2.0):
+        with pytest.raises(ValueError, match=rf"^chunk_size must be a positive int, got {chunk_size!r}$"):
+            FeatureStore.create_or_resume(path, MANIFEST, ["e0"], chunk_size=chunk_size)
+    with pytest.raises(TypeError, match=r"^manifest: value of type object is not JSON-serialisable"):
+        FeatureStore.create_or_resume(path, {**MANIFEST, "note": object()}, ["e0"])
+    with pytest.raises(ValueError, match="manifest key 'store' is reserved"):
+        FeatureStore.create_or_resume(path, {**MANIFEST, "store": 1}, ["e0"])
+    with pytest.raises(TypeError, match=re.escape("expected_ids must be non-empty strings; got ['', 3]")):
+        FeatureStore.create_or_resume(path, MANIFEST, ["e0", "", 3])
+    with pytest.raises(ValueError, match=re.escape("expected_ids has duplicates: ['a', 'b'] (2 in all)")):
+        FeatureStore.create_or_resume(path, MANIFEST, ["b", "a", "c", "a", "b"])
+    with pytest.raises(ValueError, match=re.escape("expected_ids has duplicates: ['a', 'b', 'c', 'd', 'e'] (6 in all)")):
+        FeatureStore.create_or_resume(path, MANIFEST, list("abcdef") * 2)
+    with pytest.raises(TypeError, match=re.escape("expected_ids must be non-empty strings; got [1, 2, 3, 4, 5]")):
+        FeatureStore.create_or_resume(path, MANIFEST, [1, 2, 3, 4, 5, 6])
+    assert not path.exists()  # nothing was created by a refused call
+    path.mkdir()
+    (path / "results.csv").write_text("x")
+    with pytest.raises(StoreError, match=re.escape("has no manifest.json but is not empty (['results.csv'])")):
+        FeatureStore.create_or_resume(path, MANIFEST, ["e0"])
+    (path / "results.csv").unlink()
+    (path / "expected_ids.json").write_text("[")  # killed between writing the ids and the manifest
+    FeatureStore.create_or_resume(path, MANIFEST, ["e0"]).close()  # the lock file and ids alone are fine
+    assert json.loads((path / "expected_ids.json").read_text()) == ["e0"]
+    with pytest.raises(StaleStoreError, match=re.escape("ragged arrays {'attention': 'n_image_tokens'} != {'attention': 'k'}")):
+        FeatureStore.create_or_resume(path, MANIFEST, ["e0"], ragged_arrays={"attention": "k"})
+    with pytest.raises(StaleStoreError, match=r"made for 1 other expected ids \(sha256 [0-9a-f]{12}\), the caller expects 2"):
+        FeatureStore.create_or_resume(path, MANIFEST, ["e0", "e1"])
+
+
+def test_bad_ids_records_and_arrays_are_refused_at_add(tmp_path: Path) -> None:
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, [f"e{i}" for i in range(4)])
+    record, arrays = make_example(0, 4)
+    with pytest.raises(TypeError, match=r"^example id must be a str, got int: 3$"):
+        writer.add_error(3, "oom")
+    for reason in ("", None):
+        with pytest.raises(ValueError, match=rf"^example 'e0': error reason must be a non-empty string, got {reason!r}$"):
+            writer.add_error("e0", reason)
+    with pytest.raises(ValueError, match=r"record must be a dict with an 'id' field"):
+        writer.add({"question": "q"}, arrays)
+    for key in ("", "_private", 7):
+        with pytest.raises(ValueError, match=rf"^example 'e0': record field names must be non-empty str not starting with '_', got {key!r}"):
+            writer.add({**record, key: 1}, arrays)
+    with pytest.raises(ValueError, match=r"record\['id'\] is 'e1'"):
+        writer.add_error("e0", "oom", {"id": "e1"})
+    with pytest.raises(ValueError, match=r"record field 'array_index' is reserved"):
+        writer.add({**record, "array_index": 0}, arrays)
+    for name in ("table", "1st", "a-b", 5):
+        with pytest.raises(ValueError, match=rf"^example 'e0': bad array name {name!r}"):
+            writer.add(record, {**arrays, name: np.zeros(2)})
+    for value, described in ((np.array(["a"], dtype=object), "object (1,)"), (np.float32(1), "float32 ()")):
+        with pytest.raises(ValueError, match=re.escape(f"array 'extra' must be a numeric array with >= 1 axis, got {described}")):
+            writer.add(record, {**arrays, "extra": value})
+    with pytest.raises(TypeError, match=r"^example 'e0': field 'big' cannot be stored in the table"):
+        writer.add({**record, "big": 2**70}, arrays)
+    with pytest.raises(TypeError, match=r"^example 'e0' field 'obj': value of type object cannot be stored in the table: <object"):
+        writer.add({**record, "obj": object()}, arrays)
+    writer.add({"error": None, **record, "n_image_tokens": 4}, arrays)  # explicit None error, matching length: fine
+    writer.add_error("e1", "oom", {"id": "e1", "error": "oom", "note": b"\x00raw"})
+    record2, arrays2 = make_example(2, 6)
+    del arrays2["hidden_answer_mean"]
+    with pytest.raises(ValueError, match=re.escape(
+            "arrays {attention: <f2 [2, 3, 1], hidden_last_prompt: <f4 [2, 8]} do not match earlier examples' "
+            "{attention: <f2 [2, 3, 1], hidden_answer_mean: <f4 [2, 8], hidden_last_prompt: <f4 [2, 8]} "
+            "(only the last axis of ['attention'] may vary)")):
+        writer.add(record2, arrays2)
+    writer.add({**record2, "mapping": {1: (np.int8(2), np.int64(3))}, "pair": (1, 2)}, make_example(2, 6)[1])
+    writer.add_error("e3", "oom")
+    table = writer.finalize().table(include_errors=True)
+    assert table.loc[0, "question"] == "q0" and table.loc[0, "n_image_tokens"] == 4  # fields after "error" kept
+    assert table.loc[1, "note"] == b"\x00raw"
+    assert table.loc[2, "pair"].tolist() == [1, 2]
+    assert list(table.loc[2, "mapping"]) == ["1"] and table.loc[2, "mapping"]["1"].tolist() == [2, 3]
+
+
+def test_zero_width_arrays_and_rows_with_no_arrays(tmp_path: Path) -> None:
+    """Arrays may have a zero-length axis (nothing to memory-map); error-only chunks carry no arrays."""
+    ids = [f"e{i}" for i in range(4)]
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ids, chunk_size=2)
+    writer.add_error("e0", "oom")
+    writer.add_error("e1", "oom")
+    writer.add({"id": "e2"}, {"attention": np.zeros((2, 0), np.float16), "hidden": np.zeros((0,), np.float32)})
+    writer.add({"id": "e3"}, {"attention": np.zeros((2, 0), np.float16), "hidden": np.zeros((0,), np.float32)})
+    store = writer.finalize()
+    assert store.attention().shape == (2, 2, 0) and store.array("hidden").shape == (2, 0)
+    assert store.attention().dtype == np.float16 and store.array("hidden").dtype == np.float32
+    assert store.image_token_counts().tolist() == [0, 0]
+    store.verify()
+
+
+def test_store_of_error_rows_only(tmp_path: Path) -> None:
+    """No OK row: no arrays, and the store's columns (lengths included) are there, all null / -1."""
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ["e0", "e1"], chunk_size=1)
+    writer.add_error("e0", "oom", {"question": "q0"})
+    writer.add_error("e1", "image_too_large")
+    store = writer.finalize()
+    assert store.array_names == [] and store.n_ok == 0 and store.n_errors == 2
+    table = store.table(include_errors=True)
+    assert list(table.columns) == ["id", "error", "array_index", "n_image_tokens", "question"]
+    assert table["array_index"].tolist() == [-1, -1] and table["n_image_tokens"].isna().all()
+    assert table["error"].tolist() == ["oom", "image_too_large"] and table.loc[0, "question"] == "q0"
+    assert table["question"].isna().tolist() == [False, True]
+    assert str(pq.read_table(tmp_path / "s" / "table.parquet").schema.field("n_image_tokens").type) == "int64"
+
+
+def test_complete_json_without_sizes_or_file_list(tmp_path: Path) -> None:
+    """Stores finalized before sizes were recorded open on existence alone; no file list at all is corrupt."""
+    path = tmp_path / "s"
+    complete_store(path)
+    complete = json.loads((path / COMPLETE_FILE).read_text())
+    (path / COMPLETE_FILE).write_text(json.dumps({key: value for key, value in complete.items() if key != "bytes"}))
+    damage(path / "hidden_last_prompt.npy", "flip")  # same size: only verify() can tell
+    store = FeatureStore.open(path)
+    assert store.n_ok == 5
+    with pytest.raises(CorruptStoreError, match=re.escape(str(path / "hidden_last_prompt.npy")) + ": sha256"):
+        store.verify()
+    (path / COMPLETE_FILE).write_text(json.dumps({"summary": complete["summary"]}))
+    with pytest.raises(CorruptStoreError, match=re.escape(f"{path / COMPLETE_FILE}: no list of final files (KeyError('sha256'))")):
+        FeatureStore.open(path)
+
+
+def test_unreadable_final_table_of_the_same_size_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    ids = complete_store(path)
+    damage(path / "table.parquet", "flip")  # the footer's magic bytes: same size, not parquet any more
+    message = re.escape(f"final table {path / 'table.parquet'} cannot be read: ")
+    with pytest.raises(CorruptStoreError, match=message):
+        FeatureStore.open(path)
+    with pytest.raises(CorruptStoreError, match=message):
+        FeatureStore.create_or_resume(path, MANIFEST, ids)
+
+
+def test_finalize_temporaries_are_hidden_tmp_files_in_the_store(tmp_path: Path, monkeypatch) -> None:
+    """Final arrays are written to ``.<name>.npy.*.tmp`` beside their destination (what a resume after kill -9
+    removes), and a finalize that fails removes them and leaves a resumable store."""
+    path = tmp_path / "s"
+    ids = [f"e{i}" for i in range(3)]
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    for i in range(3):
+        writer.add(*make_example(i, 3 + i))
+    real_replace = os.replace
+    moves: list[tuple[Path, Path]] = []
+
+    def failing_replace(src, dst):
+        moves.append((Path(src), Path(dst)))
+        if Path(dst).name == "hidden_last_prompt.npy":
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        writer.finalize()
+    monkeypatch.setattr(os, "replace", real_replace)
+    finals = [(src, dst) for src, dst in moves if dst.suffix == ".npy" and dst.parent == path]
+    assert [dst.name for _, dst in finals] == ["attention.npy", "hidden_answer_mean.npy", "hidden_last_prompt.npy"]
+    for src, dst in finals:
+        assert src.parent == path and re.fullmatch(rf"\.{re.escape(dst.name)}\..+\.tmp", src.name), src
+    assert not [p.name for p in path.iterdir() if p.name.endswith(".tmp")]
+    assert not (path / COMPLETE_FILE).exists()
+    writer.close()
+    resumed = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    assert resumed.done_ids() == set(ids)
+    store = resumed.finalize()
+    store.verify()
+    np.testing.assert_array_equal(store.hidden()[2], make_example(2, 5)[1]["hidden_last_prompt"])
+
+
+def test_committed_chunks_with_different_array_specs_are_refused(tmp_path: Path) -> None:
+    """A commit edited outside the writer (dtype of one array changed, file sizes intact) is not merged."""
+    path = tmp_path / "s"
+    ids = partial_store(path)
+    commit_path = path / "chunks" / "c000001.commit.json"
+    commit = json.loads(commit_path.read_text())
+    commit["arrays"]["hidden_last_prompt"]["dtype"] = "<f8"
+    commit_path.write_text(json.dumps(commit))
+    with pytest.raises(CorruptStoreError, match=re.escape("chunk 1 has arrays {") + r".*'hidden_last_prompt': \('<f8', \(2, 8\)\)"):
+        FeatureStore.open(path, allow_partial=True)
+    with pytest.raises(CorruptStoreError, match="chunk 1 has arrays"):
+        FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+
+
+def test_open_expect_is_compared_after_json_normalisation(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    complete_store(path)
+    store = FeatureStore.open(path, expect={"settings": {"layers": (np.int64(0), 1)}, "code_version": "v1"})
+    assert store.complete
+    with pytest.raises(StaleStoreError, match=re.escape(f"stale feature store {path}: manifest does not match")
+                       + r".*\n  settings: store has \{\"layers\":\[0,1\]\}, expected \{\"layers\":\[1,0\]\}"):
+        FeatureStore.open(path, expect={"settings": {"layers": (1, 0)}})
+
+
+def test_reading_a_partial_store_changes_nothing_on_disk(tmp_path: Path) -> None:
+    """A reader may look at a store while its writer runs: it must not delete the writer's unfinished files."""
+    path = tmp_path / "s"
+    partial_store(path)
+    chunks = path / "chunks"
+    (chunks / "c000003.table.parquet").write_bytes(b"being written")  # no commit.json yet
+    (chunks / ".c000003.attention.npy.x1.tmp").write_bytes(b"half")
+    before = sorted(p.name for p in chunks.iterdir())
+    assert FeatureStore.open(path, allow_partial=True).n_ok == 6
+    assert sorted(p.name for p in chunks.iterdir()) == before
+
+
+def test_each_commit_is_made_durable_by_syncing_its_directory(tmp_path: Path, monkeypatch) -> None:
+    """manifest.json, every chunk's commit.json and complete.json: renamed into place, then the directory fsync'ed
+    (a rename is durable only once its directory is)."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(("replace", Path(dst).name))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, [f"e{i}" for i in range(3)], chunk_size=2)
+    for i in range(3):
+        writer.add(*make_example(i, 4))
+    writer.finalize()
+    for name, directory in (("manifest.json", "s"), ("c000000.commit.json", "chunks"), ("c000001.commit.json", "chunks"),
+                            ("complete.json", "s")):
+        i = events.index(("replace", name))
+        assert events[i + 1] == ("fsync", directory), (name, events[i : i + 2])
+    data_files = [name for kind, name in events if kind == "replace" and not name.endswith(".json")]
+    for name in data_files:  # every data file was fsync'ed (as its temporary) before its rename
+        i = events.index(("replace", name))
+        assert any(kind == "fsync" and synced.startswith(f".{name}.") for kind, synced in events[:i]), name
+
+
+def test_resumed_writer_keeps_the_array_specs_and_the_chunk_numbering(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    ids = partial_store(path)  # chunks c000000 .. c000002
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=2)
+    with pytest.raises(ValueError, match=r"hidden_last_prompt: <f4 \[2, 9\]\} do not match earlier examples'"):
+        writer.add(*make_example(6, 3, width=9))
+    with pytest.raises(TypeError, match="record types clash with earlier rows"):
+        writer.add({**make_example(6, 3)[0], "correct": "yes"}, make_example(6, 3)[1])
+    writer.add(*make_example(6, 3))
+    writer.add(*make_example(7, 4))
+    assert (path / "chunks" / "c000003.commit.json").is_file()
+    assert sorted(p.name for p in (path / "chunks").glob("*.commit.json")) == [f"c00000{i}.commit.json" for i in range(4)]
+    store = writer.finalize()
+    np.testing.assert_array_equal(store.attention()[7, ..., :4], make_example(7, 4)[1]["attention"])
+
+
+def test_record_fields_none_nested_and_promoted_within_a_chunk(tmp_path: Path) -> None:
+    """None fields, int and float rows of one field in the same chunk (promoted to float), and an unstorable value
+    nested in a list, reported with its example and field."""
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ["e0", "e1", "e2"], chunk_size=3)
+    record, arrays = make_example(0, 3)
+    with pytest.raises(TypeError, match=r"^example 'e0' field 'tags': value of type object cannot be stored"):
+        writer.add({**record, "tags": [1, object()]}, arrays)
+    with pytest.raises(TypeError, match=r"^example 'e0' field 'nested': value of type object cannot be stored"):
+        writer.add({**record, "nested": {"a": [object()]}}, arrays)
+    with pytest.raises(TypeError, match=r"^example 'e0' field 'arr': value of type object cannot be stored"):
+        writer.add({**record, "arr": np.array([object()], dtype=object)}, arrays)
+    writer.add({**record, "score": 1, "answer": None}, arrays)
+    writer.add({**make_example(1, 3)[0], "score": 0.5, "answer": "yes"}, make_example(1, 3)[1])
+    writer.add_error("e2", "oom", {"score": None})
+    table = writer.finalize().table(include_errors=True)
+    assert table["score"].tolist()[:2] == [1.0, 0.5] and str(table["score"].dtype) == "float64"
+    assert table["answer"].isna().tolist() == [True, False, True] and table.loc[1, "answer"] == "yes"
+
+
+def test_resume_promotes_a_field_that_is_int_in_one_chunk_and_float_in_another(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    ids = ["e0", "e1", "e2"]
+    writer = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=1)
+    writer.add({**make_example(0, 3)[0], "score": 1}, make_example(0, 3)[1])
+    writer.add({**make_example(1, 3)[0], "score": 0.5}, make_example(1, 3)[1])
+    writer.close()
+    resumed = FeatureStore.create_or_resume(path, MANIFEST, ids, chunk_size=1)
+    resumed.add({**make_example(2, 3)[0], "score": 2}, make_example(2, 3)[1])
+    assert resumed.finalize().table()["score"].tolist() == [1.0, 0.5, 2.0]
+
+
+def test_arrays_of_a_store_without_ragged_arrays_must_match_exactly(tmp_path: Path) -> None:
+    writer = FeatureStore.create_or_resume(tmp_path / "s", MANIFEST, ["e0", "e1"], ragged_arrays={})
+    writer.add({"id": "e0"}, {"attention": np.zeros((2, 4), np.float16)})
+    with pytest.raises(ValueError, match=re.escape("arrays {attention: <f2 [2, 5]} do not match earlier examples' "
+                                                   "{attention: <f2 [2, 4]}") + "$"):
+        writer.add({"id": "e1"}, {"attention": np.zeros((2, 5), np.float16)})
+    writer.add({"id": "e1"}, {"attention": np.ones((2, 4), np.float16)})
+    store = writer.finalize()
+    assert "n_image_tokens" not in store.table().columns and store.attention().shape == (2, 2, 4)
