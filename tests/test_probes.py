@@ -254,7 +254,7 @@ def test_ablation_sweep_pools_every_models_passes_and_does_not_depend_on_jobs(ti
     """Two families' passes in one pool (2 workers) give the same table as one process, each model at its own layer."""
     import shutil
 
-    features = {name: open_features(str(tiny_model_dir(name)), "random", limit=12, root=tmp_path, benchmark_dir=tiny_benchmark,
+    features = {name: open_features(str(tiny_model_dir(name)), "random", limit=8, root=tmp_path, benchmark_dir=tiny_benchmark,
                                     progress=False) for name in ("zoo-llava", "zoo-qwen2-vl")}
     base = {p.name for p in tmp_path.iterdir()}
     layers = {"zoo-llava": 0, "zoo-qwen2-vl": 1}
@@ -262,14 +262,13 @@ def test_ablation_sweep_pools_every_models_passes_and_does_not_depend_on_jobs(ti
     for jobs in (2, 1):
         for stale in set(p.name for p in tmp_path.iterdir()) - base:  # every pass extracted afresh by this run
             shutil.rmtree(tmp_path / stale)
-        table, info = P.ablation_sweep(features, layers, "2,half", 1, n_boot=50, progress=False, jobs=jobs)
+        table, info = P.ablation_sweep(features, layers, "2", 1, n_boot=50, progress=False, jobs=jobs)
         assert set(info) == set(features)
         for name, f in features.items():
             rows = table[table["model"] == f.model]
-            assert len(rows) == info[name]["passes"] == 3  # top-2, random-2, half
-            assert set(rows["layer"]) == {layers[name]} and set(rows["condition"]) == {"top", "random", "half"}
-            assert (rows[rows["condition"] == "half"]["k"] == info[name]["width"] // 2).all()
-        assert len({p.name for p in tmp_path.iterdir()} - base) >= 6  # six ablated passes
+            assert len(rows) == info[name]["passes"] == 2  # top-2, random-2 (the plan's "half" is tested below)
+            assert set(rows["layer"]) == {layers[name]} and set(rows["condition"]) == {"top", "random"}
+        assert len({p.name for p in tmp_path.iterdir()} - base) >= 4  # four ablated passes
         tables.append(table)
     pd.testing.assert_frame_equal(tables[0], tables[1])
 
