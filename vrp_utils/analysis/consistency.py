@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from vrp_utils.analysis.parallel import side_by_side
+
 #: One pool of this many samples per distinct input; every K up to it reads the same pool.
 DEFAULT_POOL = 20
 
@@ -190,19 +192,6 @@ def missing_pools(features: dict, pool: int, temperature: float, top_p: float, s
 
 def build_pools(models: Sequence[str], settings: tuple[str, ...], limit: int | None, pool: int, temperature: float,
                 top_p: float, seed: int = 0, jobs: int = 2, *, device: str = "cpu", dtype: str = "float32") -> None:
-    """Extract the sample pools of ``models``, ``jobs`` models side by side (spawned processes, one thread each), on
+    """Extract the sample pools of ``models``, ``jobs`` models side by side (worker processes, one thread each), on
     ``device`` in ``dtype`` (those the chapter opened the models' features with)."""
-    if not models:
-        return
-    if jobs <= 1 or len(models) <= 1:
-        for model in models:
-            _pool_job(model, settings, limit, pool, temperature, top_p, seed, device, dtype)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(jobs, len(models)), mp_context=multiprocessing.get_context("spawn")) as executor:
-        futures = [executor.submit(_pool_job, m, settings, limit, pool, temperature, top_p, seed, device, dtype)
-                   for m in models]
-        for future in futures:
-            future.result()
+    side_by_side(_pool_job, [(m, settings, limit, pool, temperature, top_p, seed, device, dtype) for m in models], jobs)
