@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +41,20 @@ def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
             str(MAX_NEW_TOKENS), "--batch-size", str(BATCH), "--chunk-size", "1", "--out", str(out), *extra]
 
 
+def _free_port() -> int:
+    """A port free now: accelerate's default (29500) is shared with any other launch on the machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _launch(args: list[str], data_dir: Path, script: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes 2`` of the extraction CLI (or ``script``), one thread each."""
     env = dict(os.environ, VRP_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **env_vars)
     target = [str(script)] if script else ["-m", "vrp_utils.extract"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target, *args]
+               "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", *target, *args]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
