@@ -641,10 +641,15 @@ def test_attention_called_outside_the_language_model_forward_refused():
     assert recorder.num_steps == 0
 
 
-def test_attention_module_with_its_own_config_refused():
+@pytest.mark.parametrize("config", ["own", "none"])
+def test_attention_module_with_its_own_config_refused(config):
+    """A layer with its own config, or none (XGLM's attention keeps none), is refused by name, not an AttributeError."""
     p = _build("llava", seed=32)
     attn = p.model.get_decoder().layers[1].self_attn
-    attn.config = copy.deepcopy(attn.config)  # switching the language model's config would not reach this layer
+    if config == "own":
+        attn.config = copy.deepcopy(attn.config)  # switching the language model's config would not reach this layer
+    else:
+        del attn.config
     with pytest.raises(AttentionCaptureError, match=r"LlamaAttention \(layer 1\) does not share the language model's"):
         with AttentionRecorder(p.model, [torch.tensor([0])]):
             pass

@@ -205,7 +205,7 @@ class AttentionRecorder:
         if any(id(m) in _ACTIVE for m in self.attention_modules):
             raise AttentionCaptureError("another AttentionRecorder is already active on this model.")
         for module in self.attention_modules:
-            if module.config is not config:
+            if getattr(module, "config", None) is not config:  # some attention classes (XGLM's) keep no config
                 raise AttentionCaptureError(
                     f"{type(module).__name__} (layer {self._layer_of[id(module)]}) does not share the language "
                     "model's config, so switching the language model's attention would not reach it."
