@@ -51,6 +51,18 @@ def test_holm_is_applied_within_each_model_scope_and_subset(monkeypatch):
     assert per_setting["n"].iloc[0] == 24 and per_setting["n_groups"].iloc[0] == 8
 
 
+def test_a_metric_constant_within_each_setting_is_undefined_not_an_error(monkeypatch):
+    """Paper-geometry Qwen2-VL on 64 px images has a 2x2 token grid, where C_k is the same on every example."""
+    models = [_frame(1)]
+    models[0].frame["entropy@0"] = np.where(models[0].frame["setting"] == "popular", 2.0, 1.0)
+    monkeypatch.setattr(att, "metric_columns", lambda n_layers, metrics=("entropy",): [("entropy", 0)])
+    table = att.point_biserial_table(models, ["random", "popular"], n_boot=20)
+    assert table["value"].isna().all() and table["p_holm"].isna().all()
+    pooled = table[table["model"] == "pooled"]
+    assert len(pooled) == 3 and pooled["undefined"].str.contains("finite on 0 of").all()
+    assert table[table["model"] == "m1"]["undefined"].str.contains("constant").all()
+
+
 def test_bad_parameters_fail_before_any_work(tiny_model_dir):
     model = str(tiny_model_dir("zoo-llava"))
     good = dict(models=model, settings="all", aggregate="step0", head=None, top_mass=0.3, n_boot=10, limit=None)
