@@ -30,11 +30,8 @@ prompt position, then each generated token fed back during greedy decoding):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -476,44 +473,6 @@ def _add(writer, eid: str, row: dict[str, Any], record: dict[str, Any], arrays: 
     full = {"id": eid, **_row_record(row), **record}
     full["correct"] = bool(record["parsed"] == row["label"])
     writer.add(full, arrays)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrp_utils.extract", description="Run one extraction pass into a feature store.")
-    parser.add_argument("--model", required=True, help="zoo name, local directory, or hub id with local weights")
-    parser.add_argument("--split", default="adversarial", help="benchmark setting: random, popular, adversarial, or 'all'")
-    parser.add_argument("--questions", type=Path, help="a POPE question file instead of the embedded benchmark")
-    parser.add_argument("--image-dir", type=Path, help="with --questions: the image folder")
-    parser.add_argument("--limit", type=int, help="only the first N examples")
-    parser.add_argument("--max-new-tokens", type=int, default=ExtractionSettings.max_new_tokens)
-    parser.add_argument("--batch-size", type=int, default=ExtractionSettings.batch_size)
-    parser.add_argument("--out", type=Path, default=STORE_DIR)
-    parser.add_argument(
-        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="examples per committed chunk (not part of the store identity)"
-    )
-    args = parser.parse_args(argv)
-    from vrp_utils.data.pope import load_pope
-    from vrp_utils.models.loading import load_model
-
-    try:
-        if args.questions:
-            if not args.image_dir:
-                raise ValueError("--questions needs --image-dir")
-            dataset = load_pope(args.questions, args.image_dir)
-        else:
-            dataset = load_split(args.split)
-        if args.limit is not None:
-            dataset = dataset.select(range(min(args.limit, len(dataset))))
-        loaded = load_model(args.model)
-        settings = ExtractionSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        started = time.time()
-        store = extract(loaded, dataset, settings, root=args.out, chunk_size=args.chunk_size)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    summary = store.summary()
-    print(f"{store.path}: {summary} in {time.time() - started:.1f} s")
-    return 0
 
 
 def load_split(split: str):
