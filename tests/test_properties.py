@@ -45,8 +45,6 @@ _BUDGET = settings.default.max_examples
 STORE = settings(max_examples=max(5, _BUDGET * 5 // 12))
 #: Bootstrap-backed statistics: fewer examples, few resamples.
 STATS = settings(max_examples=max(5, _BUDGET * 2 // 3))
-#: statsmodels' multipletests runs gc.collect() on every call (~0.1 s here).
-HOLM = settings(max_examples=max(5, _BUDGET // 3))
 N_BOOT = 30
 
 
@@ -373,7 +371,6 @@ def holm_reference(p: list[float | None]) -> list[float]:
     return out
 
 
-@HOLM
 @given(st.lists(st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 0.05, None, math.nan])), max_size=12))
 def test_holm_equals_the_hand_step_down(p):
     got = S.holm(p)
