@@ -114,12 +114,13 @@ def _tests(frame: pd.DataFrame, model: str, scope: str, columns, n_boot: int, se
             values = part[f"{metric}@{layer}"].to_numpy(dtype=float)
             keep = np.isfinite(values)
             images = part["image_file"].to_numpy()[keep]
-            if len(set(images)) < 2:
+            n_images = len(set(images))
+            if n_images < 2:
                 # A metric constant within a setting (C_k on a 2x2 token grid, say) has no z-score, so the
                 # pooled column is all NaN: report it undefined, as point_biserial does a constant score.
-                estimate = Estimate(np.nan, np.nan, np.nan, "point-biserial r", int(keep.sum()), len(set(images)),
-                                    None, {"undefined": f"finite on {int(keep.sum())} of {len(values)} rows "
-                                           f"({len(set(images))} images): constant within a setting?"})
+                estimate = Estimate(np.nan, np.nan, np.nan, "point-biserial r", len(images), n_images, None,
+                                    {"undefined": f"finite on {len(images)} of {len(values)} rows ({n_images} images): "
+                                                  "constant within a setting?"})
             else:
                 estimate = point_biserial(values[keep], part["correct"].to_numpy()[keep], images, n_boot=n_boot,
                                           seed=seed)
