@@ -24,13 +24,9 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import platform
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +34,7 @@ from typing import Any
 import yaml
 
 from vrp_utils.paths import REPO_ROOT, RESULTS_DIR
+from vrp_utils.provenance import provenance
 from vrp_utils.results import write_json_atomic
 
 REFERENCE_DIR = RESULTS_DIR / "reference"
@@ -47,9 +44,6 @@ SUMMARY = RESULTS_DIR / "verify" / "summary.json"
 KINDS = ("exact", "abs", "rel", "ignore")
 #: Types a rule's ``types`` list may name (JSON's, with numbers split into int and float).
 TYPE_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "null": type(None), "empty": (dict, list)}
-#: Packages whose versions the reference records (the pins that decide the numbers).
-PROVENANCE_PACKAGES = ("torch", "transformers", "numpy", "pandas", "scipy", "scikit-learn", "statsmodels",
-                       "pillow", "datasets", "safetensors", "papermill", "jupyter-book")
 
 
 class VerifyError(RuntimeError):
@@ -255,47 +249,6 @@ def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
-
-
-def _cpu_model() -> str:
-    try:
-        for text in Path("/proc/cpuinfo").read_text().splitlines():
-            if text.startswith("model name"):
-                return text.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit(root: Path = REPO_ROOT) -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
-def provenance() -> dict[str, Any]:
-    """The machine, platform and library versions the numbers come from."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for package in PROVENANCE_PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    try:  # the SIMD kernels torch dispatches to (e.g. AVX2 vs AVX512) change float32 results' last bits
-        import torch
-
-        capability = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # noqa: BLE001 - provenance must not fail the check
-        capability = None
-    return {
-        "cpu": _cpu_model(), "cpu_capability": capability, "machine": platform.machine(), "cpus": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "versions": versions, "git_commit": _git_commit(),
-        "written_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
 
 
 def results_digest(directory: Path) -> dict[str, str]:
