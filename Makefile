@@ -22,7 +22,7 @@ BOOK_PAGES := $(wildcard book/*.md) _config.yml _toc.yml
 BENCHMARK := data/benchmark/manifest.json
 ZOO := data/zoo/zoo.json
 FEATURES := data/features/zoo-features.json
-FEATURE_SRC := vrp_utils/extract/engine.py vrp_utils/extract/attention.py vrp_utils/extract/store.py vrp_utils/extract/scale.py \
+FEATURE_SRC := vrp_utils/extract/engine.py vrp_utils/extract/attention.py vrp_utils/extract/store.py vrp_utils/extract/scale.py vrp_utils/extract/placement.py \
 	vrp_utils/extract/features.py vrp_utils/data/pope.py $(wildcard vrp_utils/models/adapters/*.py)
 BASELINES := results/baselines.json
 MATHJAX := book/mathjax_root/mathjax/tex-chtml.js

@@ -78,10 +78,10 @@ def check_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     """A chapter's or caller's ``device`` and ``dtype``, checked by the extraction CLI's own rules.
 
     Returns the canonical device (``cuda:0``, ``cpu``, ...) and the dtype's name; an unknown value, or a device
-    this machine lacks, is refused naming the choices (:func:`~vrp_utils.extract.scale.parse_device`,
-    :func:`~vrp_utils.extract.scale.parse_dtype`), before any store is opened or model loaded.
+    this machine lacks, is refused naming the choices (:func:`~vrp_utils.extract.placement.parse_device`,
+    :func:`~vrp_utils.extract.placement.parse_dtype`), before any store is opened or model loaded.
     """
-    from vrp_utils.extract.scale import parse_device, parse_dtype
+    from vrp_utils.extract.placement import parse_device, parse_dtype
 
     parse_dtype(dtype, "dtype")
     return parse_device(device, "device"), dtype
@@ -230,8 +230,8 @@ class Features:
 
     def load(self) -> Any:
         """The model itself on the features' device in their dtype (for what runs outside a store: the logit
-        lens, timings), as :func:`~vrp_utils.extract.scale.load_placed` gives it."""
-        from vrp_utils.extract.scale import load_placed, parse_dtype
+        lens, timings), as :func:`~vrp_utils.extract.placement.load_placed` gives it."""
+        from vrp_utils.extract.placement import load_placed, parse_dtype
 
         return load_placed(self.model_dir, self.device, parse_dtype(self.dtype))
 
@@ -263,7 +263,7 @@ def open_or_extract(
     missing store is extracted (``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``); it is not part of the
     store's identity. Both are checked first (:func:`check_device_dtype`).
     """
-    from vrp_utils.extract.scale import dtype_fingerprint, load_placed, parse_dtype
+    from vrp_utils.extract.placement import dtype_fingerprint, load_placed, parse_dtype
     from vrp_utils.models.loading import fingerprint_files, resolve_model_dir
 
     device, dtype = check_device_dtype(device, dtype)
