@@ -101,6 +101,18 @@ def test_expected_s_sc_follows_the_binomial():
     assert consistency.expected_s_sc(q, 2001) == pytest.approx(consistency.limit_s_sc(q), abs=0.01)
 
 
+def test_expected_s_sc_has_no_float_noise_to_rank():
+    """At K = 1 every input's expected S_SC is exactly 1: an AUROC over it is a tie (0.5), not an order drawn from
+    float rounding, which differs between CPU kernel paths."""
+    from sklearn.metrics import roc_auc_score
+
+    q = np.random.default_rng(3).random(2000)
+    assert set(consistency.expected_s_sc(q, 1).tolist()) == {1.0}
+    assert roc_auc_score(np.arange(2000) % 2, consistency.expected_s_sc(q, 1)) == 0.5
+    # equal q, equal score, at any K (as they must be to tie)
+    assert len(set(consistency.expected_s_sc(np.full(50, 0.37), 7).tolist())) == 1
+
+
 def test_risk_coverage_averages_over_random_orders_of_ties():
     rng = np.random.default_rng(1)
     score = rng.integers(0, 3, 24).astype(float)

@@ -122,11 +122,16 @@ def exact_q(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def expected_s_sc(q: np.ndarray, k: int) -> np.ndarray:
-    """E[max(X, K - X)] / K for X ~ Binomial(K, q), per input (the S_SC a K-sample run gives on average)."""
+    """E[max(X, K - X)] / K for X ~ Binomial(K, q), per input (the S_SC a K-sample run gives on average).
+
+    Rounded to 12 decimals: the sum leaves float noise of a few 1e-16 (at K = 1 the value is exactly 1 for every
+    q), and a ranking statistic reads that noise as order; another CPU's kernels give other noise, which moved
+    the AUROC at K = 1 by 0.03 between kernel paths (benchmarks/kernel_paths.py) where it is a tie (0.5).
+    """
     q = np.asarray(q, dtype=float)
     x = np.arange(k + 1)
     pmf = scipy.stats.binom.pmf(x[None, :], k, np.clip(q, 0, 1)[:, None])
-    return (pmf * np.maximum(x, k - x)[None, :]).sum(1) / k
+    return np.round((pmf * np.maximum(x, k - x)[None, :]).sum(1) / k, 12)
 
 
 def limit_s_sc(q: np.ndarray) -> np.ndarray:
