@@ -1,4 +1,4 @@
-# vrp-book: `make book` builds the whole default reproduction; `make test` runs the tests.
+# vrp-book: `make book` builds the whole default reproduction from the released zoo; `make test` runs the tests.
 # Every target is incremental: a second `make book` with nothing changed does nothing.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -14,13 +14,14 @@ MATHJAX_VERSION := 3.2.2
 
 PKG_SRC := $(shell find vrp_utils -name '*.py' 2>/dev/null)
 DATA_SRC := $(wildcard vrp_utils/data/*.py)
-ZOO_SRC := $(wildcard vrp_utils/models/*.py vrp_utils/models/adapters/*.py)
 NOTEBOOKS := $(wildcard notebooks/*.md)
 EXECUTED := $(patsubst notebooks/%.md,book/generated/%.ipynb,$(NOTEBOOKS))
 BOOK_PAGES := $(wildcard book/*.md) _config.yml _toc.yml
 
 BENCHMARK := data/benchmark/manifest.json
-ZOO := data/zoo/zoo.json
+# The released zoo (committed, checked against its sha256 manifest before any step reads it); `make zoo` retrains.
+ZOO := $(STAMP)/zoo-release
+ZOO_RELEASE := zoo/MANIFEST.json $(shell find zoo -type f 2>/dev/null)
 FEATURES := data/features/zoo-features.json
 FEATURE_SRC := vrp_utils/extract/engine.py vrp_utils/extract/attention.py vrp_utils/extract/store.py vrp_utils/extract/scale.py vrp_utils/extract/placement.py \
 	vrp_utils/extract/features.py vrp_utils/data/pope.py $(wildcard vrp_utils/models/adapters/*.py)
@@ -41,11 +42,12 @@ endif
 endif
 endif
 
-.PHONY: all venv data models features baselines readme mathjax notebooks book test test-unit verify reference clean clean-book help
+.PHONY: all venv data zoo features baselines readme mathjax notebooks book test test-unit verify reference clean clean-book help
 all: book
 
 help:
-	@echo "make book   build benchmark, zoo, notebooks and the book (_build/html/index.html)"
+	@echo "make book   build the benchmark, features from the released zoo (zoo/), notebooks and the book (_build/html/index.html)"
+	@echo "make zoo    retrain the zoo into data/zoo-retrain and compare it with the release (never replaces zoo/)"
 	@echo "make features  extract each zoo model once over the distinct benchmark inputs"
 	@echo "make test   run the whole test suite (builds what the tests read first)"
 	@echo "make test-unit  fast tests only (no built data needed)"
@@ -64,9 +66,18 @@ data: $(BENCHMARK)
 $(BENCHMARK): $(STAMP)/venv $(DATA_SRC)
 	$(PY) -m vrp_utils.data build
 
-models: $(ZOO)
-$(ZOO): $(STAMP)/venv $(BENCHMARK) $(ZOO_SRC)
+# Every released file against zoo/MANIFEST.json, and the release's benchmark against data/benchmark: a missing,
+# changed or corrupt file stops the build here, named, with the command that restores it.
+$(ZOO): $(STAMP)/venv $(BENCHMARK) $(ZOO_RELEASE) vrp_utils/models/release.py
+	$(PY) -m vrp_utils.models.release check
+	@touch $@
+
+# Retraining is its own command and never part of `make book`: training is chaotic across CPU kinds. It writes
+# data/zoo-retrain/ and prints its cards beside the release's (exit 1 if a model is outside the band);
+# `python -m vrp_utils.models.release publish` replaces the release with it (README: "Replacing the release").
+zoo: $(STAMP)/venv $(BENCHMARK)
 	$(PY) -m vrp_utils.models.zoo build --jobs 3
+	$(PY) -m vrp_utils.models.release compare
 
 # Each zoo model extracted once over the distinct inputs of the three settings, side by side, then
 # its sample pool for chapter 04 in the same worker (its defaults; a test checks they agree).
@@ -139,4 +150,4 @@ clean-book:
 	find results -maxdepth 1 -name '*.json' -delete
 
 clean: clean-book
-	rm -rf data/benchmark data/zoo data/features $(STAMP)
+	rm -rf data/benchmark data/zoo-retrain data/features $(STAMP)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -73,7 +75,13 @@ def test_zoo_name_and_fingerprint(tmp_path, monkeypatch) -> None:
 
     a = load_model("tiny-llava", zoo_dir=zoo)
     assert a.name == "tiny-llava" and a.path == zoo / "tiny-llava"
-    monkeypatch.setattr(paths, "ZOO_DIR", zoo)  # the default zoo is vrp_utils.paths.ZOO_DIR
+    monkeypatch.setattr(paths, "ZOO_DIR", zoo)  # the default zoo is vrp_utils.paths.ZOO_DIR, the release
+    with pytest.raises(ValueError, match="MANIFEST.json is missing"):  # which must have its manifest
+        load_model("tiny-llava")
+    from vrp_utils.models.release import MANIFEST_NAME, sha256_file
+
+    files = {p.relative_to(zoo).as_posix(): sha256_file(p) for p in sorted(zoo.rglob("*")) if p.is_file()}
+    (zoo / MANIFEST_NAME).write_text(json.dumps({"models": {"tiny-llava": {}, "tiny-llava-b": {}}, "files": files}))
     again = load_model("tiny-llava")
     assert again.fingerprint == a.fingerprint
     other = load_model("tiny-llava-b")
@@ -89,7 +97,7 @@ def test_unknown_zoo_name_lists_available(tmp_path) -> None:
     save_tiny("qwen2_vl", zoo / "tiny-qwen", layers=1)
     with pytest.raises(ValueError, match="Unknown zoo model 'nope' .*available: tiny-qwen"):
         load_model("nope", zoo_dir=zoo)
-    with pytest.raises(ValueError, match="build the zoo first"):
+    with pytest.raises(ValueError, match="the released zoo is committed under zoo/"):
         load_model("nope", zoo_dir=tmp_path / "empty")
 
 

@@ -2,7 +2,7 @@
 
 Why: the README's zoo and baseline tables must be what the code measured, not typed numbers.
 Each table lives between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and is
-rewritten from the built artefacts (``data/zoo/zoo.json``, ``results/baselines.json``);
+rewritten from the released zoo's cards (``zoo/zoo.json``) and the build's ``results/baselines.json``;
 ``--check`` fails when the committed README differs from what the build produced.
 """
 
@@ -24,11 +24,11 @@ def zoo_block(zoo_json: Path = ZOO_DIR / "zoo.json") -> str:
 
     cards = json.loads(zoo_json.read_text())["models"]
     sizes = sorted({m["n"] for card in cards.values() for m in card["metrics"].values()})
+    machines = sorted({f"{c['provenance']['cpu']} ({c['provenance']['cpu_capability']} kernels)" for c in cards.values()})
     return (
-        "The three tiny models the book's figures come from (trained by `make models`; POPE metrics of "
-        f"greedy answers parsed with POPE's rule, {' / '.join(f'{n:,}' for n in sizes)} questions per setting; "
-        "training time is wall time: each model trains on one CPU thread, and `make models` trains the three "
-        "side by side on the machine's cores):\n\n"
+        "The released zoo the book's figures come from (`zoo/`, trained by `make zoo` on "
+        f"{', '.join(machines)}, one CPU thread per model; POPE metrics of greedy answers parsed with POPE's rule, "
+        f"{' / '.join(f'{n:,}' for n in sizes)} questions per setting):\n\n"
         + zoo_table(cards)
     )
 

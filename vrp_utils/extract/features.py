@@ -236,6 +236,11 @@ class Features:
         return load_placed(self.model_dir, self.device, parse_dtype(self.dtype))
 
     @property
+    def model_fingerprint(self) -> str:
+        """The weights' fingerprint (``<weights>-<dtype>`` below float32) the store was extracted from."""
+        return str(self.store.manifest["model_fingerprint"])
+
+    @property
     def n_layers(self) -> int:
         return int(self.store.attention().shape[1])
 
@@ -319,9 +324,10 @@ def open_features(
     extracted. The :class:`Features` record both: every pass derived from them (masking, ablation, sampling,
     the untrained twin) runs on that device in that dtype.
     """
-    from vrp_utils.models.loading import read_model_type, resolve_model_dir
+    from vrp_utils.models.loading import check_if_released, read_model_type, resolve_model_dir
 
     device, dtype = check_device_dtype(device, dtype)
+    check_if_released(resolve_model_dir(model))  # a changed release is refused even when its features are cached
     if splits is None:
         chosen = parse_settings(settings)
         splits = benchmark_splits(chosen, limit, benchmark_dir)
@@ -336,6 +342,13 @@ def open_features(
     store = open_or_extract(model, dataset, extraction, root=root, extract_missing=extract_missing, progress=progress,
                             device=device, dtype=dtype)
     return Features(str(model), model_dir, model_type, store, membership, chosen, dataset, device, dtype)
+
+
+def declared_inputs(features: Mapping[str, Features]) -> dict[str, dict[str, str]]:
+    """What a chapter read, for :func:`vrp_utils.results.publish_inputs`: each model's weights fingerprint and
+    feature store; the status page names the zoo (released or not) each model's numbers came from."""
+    return {"models": {name: f.model_fingerprint for name, f in features.items()},
+            "features": {name: f.store.path.name for name, f in features.items()}}
 
 
 def language_model_shape(model: str) -> tuple[int, int]:

@@ -59,7 +59,9 @@ def resolve_model_dir(
             return zoo / text
         available = zoo_names(zoo)
         raise ValueError(
-            f"Unknown zoo model {text!r} in {zoo}; available: {', '.join(available) if available else '(none; build the zoo first)'}"
+            f"Unknown zoo model {text!r} in {zoo}; available: "
+            + (", ".join(available) if available else "(none: the released zoo is committed under zoo/; restore it with "
+               "`git checkout -- zoo/`, or pass a directory)")
         )
     if _HUB_ID.fullmatch(text):
         from huggingface_hub import snapshot_download
@@ -75,6 +77,19 @@ def resolve_model_dir(
                 "cache folder here (HF_HUB_CACHE), or pass a directory saved with save_pretrained (model + processor)."
             ) from err
     raise FileNotFoundError(f"No model directory at {candidate}")
+
+
+def check_if_released(model_dir: Path) -> None:
+    """Refuse a released zoo model whose files differ from the release manifest (before any work).
+
+    A model folder is released when its parent holds the manifest, or is the released zoo (``paths.ZOO_DIR``),
+    whose manifest must then exist.
+    """
+    from .release import MANIFEST_NAME, check_release
+
+    release = model_dir.parent
+    if (release / MANIFEST_NAME).is_file() or release.resolve() == Path(paths.ZOO_DIR).resolve():
+        check_release(release, models=[model_dir.name])
 
 
 def fingerprint_files(model_dir: Path) -> str:
@@ -122,6 +137,7 @@ def load_model(
     patch boxes later. The model is returned in eval mode with sdpa attention.
     """
     model_dir = resolve_model_dir(name_or_path, zoo_dir=zoo_dir, cache_dir=cache_dir)
+    check_if_released(model_dir)
     read_model_type(model_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     adapter = adapter_for(config)

@@ -5,19 +5,24 @@ book that only runs on GPUs is not reproducible by its readers. So the book's fi
 three tiny models of the *exact* ``transformers`` classes, each with its real processor, trained
 by this module on the CPU to imperfect accuracy, so that there are errors to predict.
 
-``python -m vrp_utils.models.zoo build`` trains every model whose inputs changed (benchmark
-manifest, training spec, the code of this package's model modules, comments and docstrings aside)
-and writes ``data/zoo/<name>/`` (``save_pretrained`` model + processor, ``model_card.json``,
-``README.md``) and ``data/zoo/zoo.json``.
+The book reads the *released* zoo, committed under ``zoo/`` with a checksum manifest
+(:mod:`vrp_utils.models.release`): training is chaotic across CPU kinds, so a build that trained would
+give another zoo on another machine. ``make zoo`` (``python -m vrp_utils.models.zoo build``) retrains
+every model whose inputs changed (benchmark manifest, training spec, the code of this package's model
+modules, comments and docstrings aside) into ``data/zoo-retrain/<name>/`` (``save_pretrained`` model +
+processor, ``model_card.json`` with the training provenance, ``README.md``) and ``zoo.json``; the release
+changes only by ``python -m vrp_utils.models.release publish``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -30,7 +35,8 @@ import torch
 from tqdm import tqdm  # plain text bars: tqdm.auto would ask notebooks for ipywidgets
 
 from vrp_utils.data.benchmark import SETTINGS
-from vrp_utils.paths import BENCHMARK_DIR, ZOO_DIR
+from vrp_utils.models.release import benchmark_fingerprint
+from vrp_utils.paths import BENCHMARK_DIR, RETRAIN_DIR, ZOO_DIR
 from vrp_utils.results import write_json_atomic
 
 
@@ -64,6 +70,12 @@ class ZooSpec:
     #: per question; generation is unaffected): a one-hop path (word -> matching image tokens)
     #: before the answer position learns to read it.
     object_word_hint: bool = True
+    #: Label every prompt position from the object word up to the answer with the answer's first token, not
+    #: the object word's alone: each position then learns to pass the decision one token on, a path that forms
+    #: by local steps, where the single hint left the answer position to find the object word by itself, which
+    #: happened or not by chance of seed and CPU kernel path (measured: zoo-llava seed 12 0.573 -> 0.815,
+    #: zoo-qwen2-vl seed 13 on the portable kernels 0.647 -> 0.787; benchmarks/README.md, 3 seeds x 2 paths).
+    hint_to_answer: bool = True
     #: Compute the answer stage's logits only where a labelled token is predicted (:func:`answer_loss`):
     #: the same loss up to float rounding, cheaper where the vocabulary is large (PaliGemma's 1,152
     #: location/segmentation tokens). Off where it buys nothing, since rounding changes the weights.
@@ -98,8 +110,9 @@ ZOO: dict[str, ZooSpec] = {
         # Qwen2-VL's tower (2x2 merger) costs about 1.6x LLaVA's per step, so fewer vision steps; its
         # answer position learns to read the object word later than the others' (measured: teacher-forced
         # 0.69 at 600 steps, 0.74 at 800, with the object word at 0.81), so more answer steps. Rotary base
-        # 1e3 like LLaVA's: at 1e4 the recipe sat on the edge, POPE random 0.724 on one CPU kind and 0.615
-        # (AVX-512) or 0.645 (AVX2 kernels) on another; at 1e3 with 800 steps 0.785 (1,000 steps: 0.731)
+        # 1e3 like LLaVA's (at 1e4: POPE random 0.615-0.724 across CPU kinds). Before the hint ran up to the
+        # answer, one run sat on the edge of the band by chance: 0.785 on an AVX-512 Xeon, 0.631 on an AVX2
+        # EPYC, 0.696 with seed 14, and 1,600 steps did not help (0.647, seed 13, portable kernels)
         ZooSpec("zoo-qwen2-vl", "qwen2_vl", seed=13, vision_steps=1000, steps=800,
                 config_overrides={"vision_layers": 3, "initializer_range": 0.08, "rope_theta": 1000.0}),
     )
@@ -125,13 +138,6 @@ def code_fingerprint(root: Path = Path(__file__).resolve().parent) -> str:
     return digest.hexdigest()[:16]
 
 
-def _benchmark_fingerprint(benchmark_dir: Path) -> str:
-    manifest = benchmark_dir / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"benchmark manifest {manifest} missing: build it first with `make data`")
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
-
-
 def spec_fingerprint(spec: ZooSpec, benchmark_dir: Path = BENCHMARK_DIR) -> str:
     """What the trained weights depend on: spec, benchmark, code, torch/transformers versions."""
     import transformers
@@ -139,7 +145,7 @@ def spec_fingerprint(spec: ZooSpec, benchmark_dir: Path = BENCHMARK_DIR) -> str:
     payload = json.dumps(
         {
             "spec": asdict(spec),
-            "benchmark": _benchmark_fingerprint(benchmark_dir),
+            "benchmark": benchmark_fingerprint(benchmark_dir),
             "code": code_fingerprint(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -437,8 +443,9 @@ def sample_conversation(generator: np.random.Generator, present: list[str], turn
     return conversation
 
 
-def add_object_word_hint(inputs, tokenizer, conversations: list[list[str]]) -> None:
-    """Label the position of each asked object's word with its answer's first token (see ZooSpec).
+def add_object_word_hint(inputs, tokenizer, conversations: list[list[str]], span: bool = False) -> None:
+    """Label the position of each asked object's word with its answer's first token (see ZooSpec); with ``span``,
+    every position from there up to the answer.
 
     ``conversations[row]`` lists the row's questions in order; each question's object word is looked
     up after the previous answer, and its answer is the next labelled token.
@@ -463,7 +470,10 @@ def add_object_word_hint(inputs, tokenizer, conversations: list[list[str]]) -> N
             start = next((i for i in range(position + 1, len(ids)) if labelled[i]), None)
             if start is None:
                 raise ValueError(f"question {question!r} in row {row} has no labelled answer after it")
-            labels[row, position + 1] = labels[row, start]
+            if span:
+                labels[row, position + 1 : start] = labels[row, start]
+            else:
+                labels[row, position + 1] = labels[row, start]
             cursor = start
 
 
@@ -540,7 +550,7 @@ def train_answers(model, processor, adapter, spec: ZooSpec, images: TrainingImag
         conversations = [sample_conversation(generator, images.categories(i), spec.turns, spec.answer_forms) for i in batch]
         inputs = adapter.build_conversations(processor, [images.images[i] for i in batch], conversations)
         if spec.object_word_hint:
-            add_object_word_hint(inputs, processor.tokenizer, [[q for q, _ in c] for c in conversations])
+            add_object_word_hint(inputs, processor.tokenizer, [[q for q, _ in c] for c in conversations], spec.hint_to_answer)
         inputs.pop("pixel_values")
         features = cached.encoder_outputs(batch)
         if spec.logits_at_labels_only:
@@ -612,9 +622,14 @@ def count_parameters(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def build_one(spec: ZooSpec, out_dir: Path, benchmark_dir: Path, fingerprint: str, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate and save one zoo model (on one CPU thread, so that its bytes do not depend on the machine)."""
+def build_one(spec: ZooSpec, out_dir: Path, benchmark_dir: Path, fingerprint: str, progress: bool = True,
+              command: str = "vrp_utils.models.zoo.build_zoo()") -> dict[str, Any]:
+    """Train, evaluate and save one zoo model (on one CPU thread, so that its bytes do not depend on the machine's
+    core count; they do depend on its float kernels, which the card's provenance records)."""
+    import os
+
     from vrp_utils.data.pope import load_benchmark, load_train
+    from vrp_utils.provenance import provenance
 
     torch.set_num_threads(1)
     name = spec.name
@@ -631,10 +646,14 @@ def build_one(spec: ZooSpec, out_dir: Path, benchmark_dir: Path, fingerprint: st
         "processor": type(processor).__name__,
         "parameters": count_parameters(model),
         "spec": asdict(spec),
-        "training": log | {"images": len(train_set.images), "benchmark": _benchmark_fingerprint(benchmark_dir),
+        "training": log | {"images": len(train_set.images), "benchmark": benchmark_fingerprint(benchmark_dir),
                            "build_seconds": round(time.time() - started, 1)},
         "metrics": metrics,
         "host": {"machine": platform.machine(), "python": platform.python_version(), "threads": torch.get_num_threads()},
+        # what a retrain on another machine needs to know to explain a difference: training is chaotic, and the
+        # CPU's kernel path (ATEN_CPU_CAPABILITY) alone gives other weights from the same code and seed
+        "provenance": provenance() | {"command": command, "code": code_fingerprint(),
+                                      "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY")},
     }
     card = json.loads(json.dumps(card))  # as it reads back from disk (tuples become lists)
     import shutil
@@ -657,17 +676,25 @@ def build_one(spec: ZooSpec, out_dir: Path, benchmark_dir: Path, fingerprint: st
 
 def build_zoo(
     names: list[str] | None = None,
-    out_dir: Path = ZOO_DIR,
+    out_dir: Path = RETRAIN_DIR,
     benchmark_dir: Path = BENCHMARK_DIR,
     force: bool = False,
     progress: bool = True,
     jobs: int = 1,
+    seed_offset: int = 0,
+    command: str = "vrp_utils.models.zoo.build_zoo()",
 ) -> dict[str, Any]:
     """Train (or keep, when the fingerprint matches) each zoo model; write cards and ``zoo.json``.
 
     Every model trains on one CPU thread, so its weights do not depend on the machine's core count;
     ``jobs`` > 1 trains that many models side by side in worker processes (same weights, tested).
+    ``seed_offset`` is added to every model's seed: the recipe's robustness check trains offsets 0, 1, 2.
+    Never writes into the released zoo (``zoo/``): a retrain replaces it only through
+    ``python -m vrp_utils.models.release publish`` after its band check.
     """
+    if Path(out_dir).resolve() == ZOO_DIR.resolve():
+        raise ValueError(f"{ZOO_DIR} is the released zoo: retrain elsewhere (default {RETRAIN_DIR}) and publish the retrain "
+                         "with `python -m vrp_utils.models.release publish DIR`")
     names = names or list(ZOO)
     unknown = sorted(set(names) - set(ZOO))
     if unknown:
@@ -677,8 +704,9 @@ def build_zoo(
     out_dir.mkdir(parents=True, exist_ok=True)
     cards: dict[str, Any] = {}
     todo: dict[str, str] = {}
+    specs = {name: dataclasses.replace(ZOO[name], seed=ZOO[name].seed + seed_offset) for name in names}
     for name in names:
-        fingerprint = spec_fingerprint(ZOO[name], benchmark_dir)
+        fingerprint = spec_fingerprint(specs[name], benchmark_dir)
         card_path = out_dir / name / "model_card.json"
         if not force and card_path.is_file():
             card = json.loads(card_path.read_text())
@@ -691,7 +719,7 @@ def build_zoo(
         threads = torch.get_num_threads()
         try:
             for name, fingerprint in todo.items():
-                cards[name] = build_one(ZOO[name], out_dir, benchmark_dir, fingerprint, progress)
+                cards[name] = build_one(specs[name], out_dir, benchmark_dir, fingerprint, progress, command)
         finally:
             torch.set_num_threads(threads)
     else:
@@ -700,7 +728,7 @@ def build_zoo(
 
         # spawn: a fresh interpreter per worker (forking a process that already ran torch can deadlock)
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {name: pool.submit(build_one, ZOO[name], out_dir, benchmark_dir, fingerprint, progress)
+            futures = {name: pool.submit(build_one, specs[name], out_dir, benchmark_dir, fingerprint, progress, command)
                        for name, fingerprint in todo.items()}
             for name, future in futures.items():
                 cards[name] = future.result()
@@ -754,16 +782,18 @@ def zoo_table(cards: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vrp_utils.models.zoo", description="Train the tiny model zoo.")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="train every model whose inputs changed")
+    build = sub.add_parser("build", help="retrain the zoo (into data/zoo-retrain; never into the release, zoo/)")
     build.add_argument("names", nargs="*", help=f"subset of: {', '.join(ZOO)}")
     build.add_argument("--force", action="store_true", help="retrain even if up to date")
-    build.add_argument("--out", type=Path, default=ZOO_DIR)
+    build.add_argument("--out", type=Path, default=RETRAIN_DIR, help=f"where to write (default {RETRAIN_DIR})")
     build.add_argument("--jobs", type=int, default=1, help="models trained at once, one thread each (default 1)")
-    sub.add_parser("table", help="print the zoo table (markdown)")
+    build.add_argument("--seed-offset", type=int, default=0, help="added to every model's seed (default 0: the release's seeds)")
+    sub.add_parser("table", help="print the released zoo's table (markdown)")
     args = parser.parse_args(argv)
     if args.command == "build":
         try:
-            build_zoo(args.names or None, out_dir=args.out, force=args.force, jobs=args.jobs)
+            build_zoo(args.names or None, out_dir=args.out, force=args.force, jobs=args.jobs, seed_offset=args.seed_offset,
+                      command=shlex.join(["python", "-m", "vrp_utils.models.zoo", *sys.argv[1:]]))
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
