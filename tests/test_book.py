@@ -370,3 +370,19 @@ def test_every_figure_cell_declares_its_alt_text(name):
     for cell in figures:
         alt = ((cell.metadata.get("mystnb") or {}).get("image") or {}).get("alt", "")
         assert len(alt.split()) >= 12, f"{name}: a figure cell without a real alt text: {cell.source[:80]!r}"
+
+
+def test_status_page_says_which_zoo_made_each_chapters_numbers(tmp_path):
+    """A model whose weights are the release's is named as released; any other (a retrain) is flagged."""
+    from vrp_utils.models.loading import fingerprint_files
+    from vrp_utils.paths import ZOO_DIR
+
+    released = fingerprint_files(ZOO_DIR / "zoo-llava")
+    record = {"notebook": "01_attention", "source": "notebooks/01_attention.md", "parameters": {}, "overridden": [],
+              "results": {}, "finished_utc": "2026-01-01T00:00:00Z", "duration_s": 3.0,
+              "inputs": {"models": {"zoo-llava": released, "data/zoo-retrain/zoo-llava": "0123abcd0123abcd"}}}
+    (tmp_path / "01_attention.json").write_text(json.dumps(record))
+    page = book.write_status(tmp_path, tmp_path / "status.md", benchmarks_dir=tmp_path / "none").read_text()
+    assert f"| 01_attention | zoo-llava | `{released}` | released zoo (zoo-llava) |" in page
+    assert "| 01_attention | data/zoo-retrain/zoo-llava | `0123abcd0123abcd` | **not the released zoo**" in page
+    assert "The released zoo (`zoo/`, published 20" in page

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -167,6 +168,43 @@ def _verify_lines(summary_path: Path, results_dir: Path) -> list[str]:
     return lines
 
 
+def _released_models(release_dir: Path | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """``{weights fingerprint: zoo name}`` of the released zoo, and its manifest ({} where there is none)."""
+    from vrp_utils.models.loading import fingerprint_files
+    from vrp_utils.models.release import ReleaseError, read_manifest
+    from vrp_utils.paths import ZOO_DIR
+
+    release_dir = release_dir or ZOO_DIR
+    try:
+        manifest = read_manifest(release_dir)
+    except ReleaseError:
+        return {}, {}
+    return {fingerprint_files(release_dir / name): name for name in manifest["models"]}, manifest
+
+
+def _model_lines(records: list[dict], release_dir: Path | None = None) -> list[str]:
+    """Which zoo made each chapter's numbers: every model a chapter declared, matched against the release."""
+    released, manifest = _released_models(release_dir)
+    lines = ["## Which models made these numbers", ""]
+    if manifest:
+        machines = sorted({f"{m['provenance']['cpu']} ({m['provenance']['cpu_capability']} kernels)"
+                           for m in manifest["models"].values()})
+        lines += [f"The released zoo (`zoo/`, published {manifest['published_utc'][:10]}, trained on {', '.join(machines)}; "
+                  "`python -m vrp_utils.models.release check` verifies its files) or another model, per chapter:", ""]
+    rows = []
+    for record in records:
+        for name, fingerprint in sorted((record.get("inputs") or {}).get("models", {}).items()):
+            weights = fingerprint.split("-")[0]
+            source = (f"released zoo ({released[weights]})" if weights in released
+                      else "**not the released zoo** (a retrain, a directory or a hub id)")
+            rows.append(f"| {record['notebook']} | {_cell(name)} | `{_cell(fingerprint)}` | {source} |")
+    if rows:
+        lines += ["| notebook | model | weights fingerprint | source |", "|---|---|---|---|", *rows]
+    else:
+        lines.append("No notebook has declared the models it read yet.")
+    return lines
+
+
 def write_status(results_dir: Path = RESULTS_DIR, out: Path = GENERATED_DIR / "status.md",
                  benchmarks_dir: Path = BENCHMARK_RESULTS, verify_summary: Path | None = None) -> Path:
     """Write the status page from ``results/*.json``: what ran, how long, from which commit and inputs,
@@ -194,6 +232,7 @@ def write_status(results_dir: Path = RESULTS_DIR, out: Path = GENERATED_DIR / "s
         )
     if not records:
         lines.append("| (no notebook has run yet) | | | | | | | |")
+    lines += ["", *_model_lines(records)]
     lines += ["", "## Each run: parameters, inputs, versions", ""]
     for record in records:
         lines.append(f"### {record['notebook']}")
