@@ -386,3 +386,15 @@ def test_status_page_says_which_zoo_made_each_chapters_numbers(tmp_path):
     assert f"| 01_attention | zoo-llava | `{released}` | released zoo (zoo-llava) |" in page
     assert "| 01_attention | data/zoo-retrain/zoo-llava | `0123abcd0123abcd` | **not the released zoo**" in page
     assert "The released zoo (`zoo/`, published 20" in page
+
+
+@pytest.mark.built
+def test_chapter_pages_show_no_build_noise():
+    """Progress bars, the runner's bookkeeping and tracebacks stay out of what a reader sees."""
+    pages = sorted((HTML / "book" / "generated").glob("0*.html"))
+    assert len(pages) == 6
+    for page in pages:
+        text = page.read_text()
+        for noise in ("Loading weights", "Writing model shards", "it/s]", "results published", "inputs declared",
+                      "Traceback (most recent call last)"):
+            assert noise not in text, (page.name, noise)

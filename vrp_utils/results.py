@@ -97,6 +97,18 @@ def collect(notebook: Any) -> dict[str, Any]:
     return _merge(notebook, RESULTS_MIMETYPE, 1)
 
 
+def strip_bookkeeping(notebook: Any) -> None:
+    """Drop the :func:`publish` / :func:`publish_inputs` outputs from an executed notebook, in place.
+
+    Why: the runner lifts them into ``results/<notebook>.json`` first; left in the notebook, the book would show
+    their plain-text fallback ("<6 results published>") on the chapter's page.
+    """
+    for cell in notebook.cells:
+        if "outputs" in cell:
+            cell["outputs"] = [o for o in cell["outputs"]
+                               if not {RESULTS_MIMETYPE, INPUTS_MIMETYPE} & set(o.get("data", {}))]
+
+
 def collect_inputs(notebook: Any) -> dict[str, dict[str, str]]:
     """Merge every :func:`publish_inputs` declaration of an executed notebook, per kind."""
     return _merge(notebook, INPUTS_MIMETYPE, 2)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vrp_utils.paths import BOOK_DIR, NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR
-from vrp_utils.results import collect, collect_inputs, write_json_atomic
+from vrp_utils.results import collect, collect_inputs, strip_bookkeeping, write_json_atomic
 
 GENERATED_DIR = BOOK_DIR / "generated"
 RUNS_DIR = REPO_ROOT / "runs"
@@ -200,7 +200,11 @@ def execute(
     tmp = output_dir / f".{name}.running.ipynb"
     started = time.time()
     env_before = os.environ.get("VRP_NOTEBOOK")
+    bars_before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     os.environ["VRP_NOTEBOOK"] = name
+    # The kernel inherits this: transformers' "Loading weights" and "Writing model shards" bars (and the hub's)
+    # would otherwise be printed into the chapter's page; the runner's own bar stays in the terminal.
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     # The "python3" kernelspec runs `python` from PATH: make that this interpreter (the venv's).
     bin_dir = str(Path(sys.executable).parent)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
@@ -226,10 +230,11 @@ def execute(
             f"{error.ename}: {error.evalue}\n(executed copy with the traceback: {failed})"
         ) from None
     finally:
-        if env_before is None:
-            os.environ.pop("VRP_NOTEBOOK", None)
-        else:
-            os.environ["VRP_NOTEBOOK"] = env_before
+        for key, before in (("VRP_NOTEBOOK", env_before), ("HF_HUB_DISABLE_PROGRESS_BARS", bars_before)):
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
     duration = time.time() - started
     effective = {p.name: p.default for p in notebook_parameters(notebook).values()} | coerced
     record = {
@@ -246,6 +251,7 @@ def execute(
         "git": _git_state(),
         "executed_notebook": str(target.relative_to(REPO_ROOT)) if target.is_relative_to(REPO_ROOT) else str(target),
     }
+    strip_bookkeeping(executed)  # lifted into the record above; not for the reader's page
     # Executed notebook first, results last: a results file implies its notebook is in place.
     nbformat.write(executed, tmp)
     os.replace(tmp, target)
