@@ -76,7 +76,7 @@ MLP_HIDDEN = 32
 MLP_EPOCHS = 15
 MLP_BATCH = 128
 INNER_FOLDS = 2
-CONTROLS = ("answer", "object", "answer_x_object", "abs_margin", "mean_logprob")
+CONTROLS = ("answer", "object", "answer_x_object", "free_rival", "abs_margin", "mean_logprob")
 ABLATIONS = ("top", "random", "half")
 
 
@@ -310,12 +310,25 @@ def mean_answer_logprob(distinct: pd.DataFrame) -> np.ndarray:
     return np.array([float(np.mean(lp[: max(int(n), 1)])) for lp, n in zip(distinct["token_logprob"], distinct["answer_length"])])
 
 
+def rival_features(distinct: pd.DataFrame) -> np.ndarray:
+    """The probe's free rival: [answer is yes, |yes-no margin|, their product], one row per distinct input.
+
+    Why: everything in it comes with the greedy answer at no extra cost, so a hidden-state probe shows that
+    the state knows more than the answer only when it beats a model fitted on these three columns with the
+    same folds.
+    """
+    answer = (distinct["parsed"] == "yes").to_numpy(float)
+    margin = np.abs(distinct["yes_no_margin"].to_numpy(float))
+    return np.column_stack([answer, margin, answer * margin])
+
+
 def control_features(distinct: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Design matrices of the fitted controls: the answer, the object (one-hot) and their pair (one-hot)."""
+    """Design matrices of the fitted controls: the answer, the object (one-hot), their pair (one-hot) and the
+    free rival (:func:`rival_features`)."""
     answer = (distinct["parsed"] == "yes").to_numpy(float)[:, None]
     objects = pd.get_dummies(distinct["object"].astype(str)).to_numpy(float)
     pair = pd.get_dummies(distinct["object"].astype(str) + "|" + distinct["parsed"].astype(str)).to_numpy(float)
-    return {"answer": answer, "object": objects, "answer_x_object": pair}
+    return {"answer": answer, "object": objects, "answer_x_object": pair, "free_rival": rival_features(distinct)}
 
 
 def probe_table(features, probes: Sequence[str], positions: Sequence[str], *, folds: int = 5, seeds: int = 3, seed: int = 0,
