@@ -712,3 +712,91 @@ def test_bootstrap_of_several_outputs_equals_each_output_alone():
         S.cluster_bootstrap_outputs(lambda x, weights: (mean(x, weights),), 2, [x], groups, n_boot=50)
     with pytest.raises(ValueError, match="n_outputs"):
         S.cluster_bootstrap_outputs(lambda x, weights: (), 0, [x], groups, n_boot=50)
+
+
+# ------------------------------------------------------------- label-balanced and paired differences
+
+
+def test_balanced_accuracy_change_equals_a_hand_count():
+    """4 yes-questions (2 lost), 8 no-questions (1 gained): (-2/4 + 1/8) / 2, not the pooled -1/12."""
+    label = np.array(["yes"] * 4 + ["no"] * 8)
+    before = np.array([1, 1, 1, 0] + [1, 1, 1, 1, 0, 0, 1, 1])
+    after = np.array([0, 0, 1, 0] + [1, 1, 1, 1, 1, 0, 1, 1])
+    groups = np.arange(12) // 2
+    est = S.balanced_accuracy_change(before, after, label, groups, n_boot=N_BOOT)
+    assert est.value == pytest.approx(0.5 * (-2 / 4 + 1 / 8))
+    assert (after - before).mean() == pytest.approx(-1 / 12)  # the unbalanced figure a 1:2 mix would print
+    d = est.details
+    assert (d["n_correct_to_wrong_yes"], d["n_wrong_to_correct_yes"], d["n_correct_to_wrong_no"], d["n_wrong_to_correct_no"]) == (2, 0, 0, 1)
+    assert d["p_mcnemar_yes"] == pytest.approx(scipy.stats.binomtest(0, 2, 0.5).pvalue)
+    assert d["p_mcnemar_no"] == pytest.approx(1.0)
+    assert d["accuracy_before"] == pytest.approx(0.5 * (3 / 4 + 6 / 8))
+    assert d["accuracy_after"] == pytest.approx(0.5 * (1 / 4 + 7 / 8))
+    assert est.ci_low <= est.value <= est.ci_high
+
+
+def test_balanced_mean_accepts_01_labels_and_refuses_other_answers():
+    values, label = np.array([1.0, 3.0, 10.0]), np.array([1, 1, 0])
+    est = S.balanced_mean(values, label, np.array([0, 1, 2]), n_boot=N_BOOT)
+    assert est.value == pytest.approx((2.0 + 10.0) / 2)
+    with pytest.raises(ValueError, match=r"label must be 'yes' or 'no'; got \['maybe'\]"):
+        S.balanced_mean(values, np.array(["yes", "maybe", "no"]), np.array([0, 1, 2]))
+    one_label = S.balanced_mean(values, np.array(["no"] * 3), np.array([0, 1, 2]), n_boot=N_BOOT)
+    assert not one_label.defined and "only no-questions" in one_label.details["undefined"]
+
+
+def _exact_bootstrap_sd(statistic, groups) -> float:
+    """SD of ``statistic(rows)`` over every ordered resample of the K images (K^K, all equally likely)."""
+    import itertools
+
+    ids = np.unique(groups)
+    values = [statistic(np.concatenate([np.flatnonzero(groups == g) for g in drawn]))
+              for drawn in itertools.product(ids, repeat=ids.size)]
+    return float(np.std(values))
+
+
+def test_paired_differences_match_brute_force_over_every_resample():
+    """4 images, each with both classes: all 256 resamples are defined, so the exact bootstrap SD of the
+    paired difference is computable by enumeration (explicit rows, scipy / scikit-learn on each)."""
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(4), 6)
+    correct = np.tile([1, 1, 1, 0, 0, 1], 4)
+    a = correct + rng.normal(size=24)
+    b = 0.5 * correct + rng.normal(size=24)
+
+    def r_diff(rows):
+        return (scipy.stats.pearsonr(a[rows], correct[rows]).statistic - scipy.stats.pearsonr(b[rows], correct[rows]).statistic)
+
+    def auc_diff(rows):
+        return roc_auc_score(correct[rows], a[rows]) - roc_auc_score(correct[rows], b[rows])
+
+    for estimate, statistic in ((S.point_biserial_difference(a, b, correct, groups, n_boot=20000, seed=1), r_diff),
+                                (S.auroc_difference(a, b, correct, groups, n_boot=20000, seed=1), auc_diff)):
+        assert estimate.value == pytest.approx(statistic(np.arange(24)), abs=1e-12)
+        exact = _exact_bootstrap_sd(statistic, groups)
+        assert estimate.details["bootstrap_se"] == pytest.approx(exact, rel=0.03)
+    # Control: an unpaired SE (the two statistics resampled independently) is not what is computed here.
+    unpaired = math.hypot(_exact_bootstrap_sd(lambda r: scipy.stats.pearsonr(a[r], correct[r]).statistic, groups),
+                          _exact_bootstrap_sd(lambda r: scipy.stats.pearsonr(b[r], correct[r]).statistic, groups))
+    paired = S.point_biserial_difference(a, b, correct, groups, n_boot=20000, seed=1).details["bootstrap_se"]
+    assert abs(paired - unpaired) / unpaired > 0.05
+
+
+def test_balanced_mean_bootstrap_matches_brute_force():
+    groups = np.repeat(np.arange(4), 5)
+    label = np.tile(["yes", "no", "no", "no", "yes"], 4)
+    values = np.random.default_rng(2).normal(size=20) + (label == "yes")
+    est = S.balanced_mean(values, label, groups, n_boot=20000, seed=3)
+
+    def balanced(rows):
+        yes = label[rows] == "yes"
+        return 0.5 * (values[rows][yes].mean() + values[rows][~yes].mean())
+
+    assert est.value == pytest.approx(balanced(np.arange(20)))
+    assert est.details["bootstrap_se"] == pytest.approx(_exact_bootstrap_sd(balanced, groups), rel=0.03)
+
+
+def test_point_biserial_difference_of_a_constant_score_is_undefined():
+    score, correct, groups = clustered(3)
+    est = S.point_biserial_difference(score, np.ones_like(score), correct, groups, n_boot=N_BOOT)
+    assert not est.defined and est.details["undefined"].startswith("score_b is constant")

@@ -18,6 +18,9 @@ API (scikit-learn-like: arrays in, keyword-only options with fixed default seeds
     auroc(score, correct, groups)                     -> Estimate (p vs 0.5: bootstrap-SE z test)
     auroc_difference(score_a, score_b, correct, groups) -> Estimate (paired: same rows, same resamples)
     paired_accuracy_change(before, after, groups)     -> Estimate (p: exact McNemar)
+    balanced_accuracy_change(before, after, label, groups) -> Estimate (each label weighted 1/2; McNemar per label)
+    balanced_mean(values, label, groups)              -> Estimate (each label weighted 1/2; p: bootstrap-SE z test)
+    point_biserial_difference(score_a, score_b, correct, groups) -> Estimate (paired)
     grouped_cv_pseudo_r2(features, correct, groups)   -> Estimate (McFadden, out of fold)
     holm(p_values)                                    -> Holm-adjusted p-values
     cluster_bootstrap(statistic, arrays, groups)      -> BootstrapCI(low, high, standard_error, replicates)
@@ -49,6 +52,8 @@ __all__ = [
     "Estimate",
     "auroc",
     "auroc_difference",
+    "balanced_accuracy_change",
+    "balanced_mean",
     "cluster_bootstrap",
     "cluster_bootstrap_outputs",
     "grouped_cv_pseudo_r2",
@@ -56,6 +61,7 @@ __all__ = [
     "holm",
     "paired_accuracy_change",
     "point_biserial",
+    "point_biserial_difference",
 ]
 
 #: Most row weights (resamples x rows) held at once; bounds memory to ~32 MiB for large stores.
@@ -560,6 +566,144 @@ def paired_accuracy_change(
         "bootstrap_se": ci.standard_error,
     }
     return Estimate(value, ci.low, ci.high, method, n, k, p_mcnemar, details)
+
+
+def point_biserial_difference(
+    score_a: Any,
+    score_b: Any,
+    correct: Any,
+    groups: Any,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Estimate:
+    """R_pb of ``score_a`` minus R_pb of ``score_b`` against the same labels, CI over images (paired).
+
+    Why: "the exact limit correlates more than K samples" compares two scores of the same inputs; both
+    correlations are recomputed on each image resample, so the interval is the paired one.
+    p-value: two-sided z test of 0 with the bootstrap SE.
+    """
+    _check_bootstrap_options(n_boot, confidence)
+    a, b = _as_scores("score_a", score_a), _as_scores("score_b", score_b)
+    y = _as_labels("correct", correct)
+    n = _check_lengths(score_a=a, score_b=b, correct=y, groups=groups)
+    codes, k = _group_codes(groups)
+    method = f"R_pb(a) - R_pb(b), same rows; {confidence * 100:g}% CI: paired cluster bootstrap over images"
+    for name, x in (("score_a", a), ("score_b", b)):
+        if np.ptp(x) == 0:
+            return _undefined(method, n, k, f"{name} is constant over all {n} examples")
+    if np.ptp(y) == 0:
+        return _undefined(method, n, k, f"correct is constant ({int(y[0])}) over all {n} examples")
+    value = float(scipy.stats.pointbiserialr(y, a).statistic - scipy.stats.pointbiserialr(y, b).statistic)
+    moments_a = _group_sums(_pearson_moments(a, y.astype(float)), codes, k)
+    moments_b = _group_sums(_pearson_moments(b, y.astype(float)), codes, k)
+
+    def replicate(ma, mb, weights):
+        return _pearson_from_moments(ma, weights) - _pearson_from_moments(mb, weights)
+
+    ci = cluster_bootstrap(replicate, [moments_a, moments_b], np.arange(k), n_boot=n_boot, seed=seed, confidence=confidence)
+    method = (
+        f"R_pb(a) - R_pb(b), same rows (scipy.stats.pointbiserialr); {_bootstrap_text(n_boot, seed, confidence, ci)}, "
+        "both correlations on each resample; p: two-sided z test of 0 with the bootstrap SE"
+    )
+    return Estimate(value, ci.low, ci.high, method, n, k, _z_test_p(value, 0.0, ci.standard_error),
+                    {"bootstrap_se": ci.standard_error})
+
+
+def _label_sides(label: Any, n: int) -> np.ndarray:
+    """``label`` as a boolean "is a yes-question" array (accepts 'yes'/'no' strings or 0/1)."""
+    raw = np.asarray(label)
+    if raw.shape != (n,):
+        raise ValueError(f"length mismatch: label has {raw.size} rows, expected {n}")
+    if raw.dtype.kind in "USO":
+        text = np.char.lower(raw.astype(str))
+        bad = sorted(set(text[(text != "yes") & (text != "no")].tolist()))
+        if bad:
+            raise ValueError(f"label must be 'yes' or 'no'; got {bad[:3]}")
+        return text == "yes"
+    return _as_labels("label", raw).astype(bool)
+
+
+def _balanced_from_sums(sum_yes, n_yes, sum_no, n_no, weights):
+    """(mean over yes rows + mean over no rows) / 2 per resample; NaN where a resample lacks a label."""
+    return 0.5 * (_ratio_of_sums(sum_yes, n_yes, weights) + _ratio_of_sums(sum_no, n_no, weights))
+
+
+def balanced_mean(
+    values: Any,
+    label: Any,
+    groups: Any,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Estimate:
+    """The mean of ``values`` with each label (yes / no question) weighted 1/2, CI over images.
+
+    Why: the distinct inputs of a POPE benchmark are not 50/50 (the settings share their positive
+    questions), so a plain mean of an accuracy change rewards whatever pushes a model toward "no".
+    Weighting each label 1/2 is what a POPE setting does by construction. p-value: two-sided z test
+    of 0 with the bootstrap SE. Undefined when one label has no rows.
+    """
+    _check_bootstrap_options(n_boot, confidence)
+    x = _as_scores("values", values)
+    n = _check_lengths(values=x, groups=groups)
+    yes = _label_sides(label, n)
+    codes, k = _group_codes(groups)
+    method = f"label-balanced mean (yes and no questions weighted 1/2 each); {confidence * 100:g}% CI: cluster bootstrap over images"
+    n_yes = int(yes.sum())
+    if n_yes in (0, n):
+        return _undefined(method, n, k, f"only {'yes' if n_yes else 'no'}-questions among the {n} rows")
+    value = 0.5 * (float(x[yes].mean()) + float(x[~yes].mean()))
+    sums = [_group_sums(np.where(yes, x, 0.0), codes, k), _group_sums(yes.astype(float), codes, k),
+            _group_sums(np.where(yes, 0.0, x), codes, k), _group_sums((~yes).astype(float), codes, k)]
+    ci = cluster_bootstrap(_balanced_from_sums, sums, np.arange(k), n_boot=n_boot, seed=seed, confidence=confidence)
+    method = (f"label-balanced mean (yes and no questions weighted 1/2 each); {_bootstrap_text(n_boot, seed, confidence, ci)}; "
+              "p: two-sided z test of 0 with the bootstrap SE")
+    details = {"n_yes": n_yes, "n_no": n - n_yes, "mean_yes": float(x[yes].mean()), "mean_no": float(x[~yes].mean()),
+               "bootstrap_se": ci.standard_error}
+    return Estimate(value, ci.low, ci.high, method, n, k, _z_test_p(value, 0.0, ci.standard_error), details)
+
+
+def balanced_accuracy_change(
+    before: Any,
+    after: Any,
+    label: Any,
+    groups: Any,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Estimate:
+    """Accuracy after minus before with yes- and no-questions weighted 1/2 each, CI over images (paired).
+
+    Why: see :func:`balanced_mean`; this is the accuracy change a POPE setting (50/50) would show.
+    p-value: two-sided z test of 0 with the image-level bootstrap SE; beside it, ``details`` hold the
+    exact McNemar p within each label (statsmodels), which treat examples as independent.
+    """
+    b, a = _as_labels("before", before), _as_labels("after", after)
+    n = _check_lengths(before=b, after=a, groups=groups)
+    yes = _label_sides(label, n)
+    estimate = balanced_mean(a.astype(float) - b.astype(float), yes, groups, n_boot=n_boot, seed=seed, confidence=confidence)
+    details = dict(estimate.details)
+    for side, keep in (("yes", yes), ("no", ~yes)):
+        n10 = int(((b == 1) & (a == 0) & keep).sum())
+        n01 = int(((b == 0) & (a == 1) & keep).sum())
+        n11 = int(((b == 1) & (a == 1) & keep).sum())
+        table = np.array([[n11, n10], [n01, int(keep.sum()) - n11 - n10 - n01]])
+        details[f"n_correct_to_wrong_{side}"] = n10
+        details[f"n_wrong_to_correct_{side}"] = n01
+        details[f"p_mcnemar_{side}"] = float(mcnemar(table, exact=True).pvalue) if keep.any() else None
+        details[f"accuracy_before_{side}"] = float(b[keep].mean()) if keep.any() else None
+        details[f"accuracy_after_{side}"] = float(a[keep].mean()) if keep.any() else None
+    for name, v in (("accuracy_before", b), ("accuracy_after", a)):
+        sides = [details[f"{name}_yes"], details[f"{name}_no"]]
+        details[name] = 0.5 * (sides[0] + sides[1]) if None not in sides else None
+    method = estimate.method.replace("label-balanced mean", "label-balanced accuracy change (after - before)")
+    method += "; details.p_mcnemar_yes / _no: exact McNemar within each label"
+    return Estimate(estimate.value, estimate.ci_low, estimate.ci_high, method, estimate.n, estimate.n_groups,
+                    estimate.p_value, details)
 
 
 def mean_estimate(
