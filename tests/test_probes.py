@@ -262,15 +262,22 @@ def test_ablation_sweep_pools_every_models_passes_and_does_not_depend_on_jobs(ti
     for jobs in (2, 1):
         for stale in set(p.name for p in tmp_path.iterdir()) - base:  # every pass extracted afresh by this run
             shutil.rmtree(tmp_path / stale)
-        table, info = P.ablation_sweep(features, layers, "2", 1, n_boot=50, progress=False, jobs=jobs)
+        table, versus, info = P.ablation_sweep(features, layers, "2", 1, n_boot=50, progress=False, jobs=jobs)
         assert set(info) == set(features)
         for name, f in features.items():
-            rows = table[table["model"] == f.model]
+            rows = table[(table["model"] == f.model) & (table["scope"] == "balanced")]
             assert len(rows) == info[name]["passes"] == 2  # top-2, random-2 (the plan's "half" is tested below)
             assert set(rows["layer"]) == {layers[name]} and set(rows["condition"]) == {"top", "random"}
+            assert set(table[table["model"] == f.model]["scope"]) == {"balanced", "distinct", "random"}
+            pair = versus[versus["model"] == f.model]
+            assert len(pair) == 1 and pair["condition"].iloc[0] == "top" and pair["versus"].iloc[0] == "random"
+            # Paired difference = balanced change of top minus balanced change of random (same inputs, same "before").
+            change = rows.set_index("condition")["value"]
+            assert pair["value"].iloc[0] == pytest.approx(change["top"] - change["random"], abs=1e-12)
         assert len({p.name for p in tmp_path.iterdir()} - base) >= 4  # four ablated passes
-        tables.append(table)
-    pd.testing.assert_frame_equal(tables[0], tables[1])
+        tables.append((table, versus))
+    pd.testing.assert_frame_equal(tables[0][0], tables[1][0])
+    pd.testing.assert_frame_equal(tables[0][1], tables[1][1])
 
 
 def test_ablation_plan_top_random_half():
@@ -336,3 +343,48 @@ def test_notebook_refuses_a_bad_parameter_before_any_work(tmp_path):
     assert done.returncode != 0
     assert "choose from l1, mlp" in done.stdout + done.stderr
     assert not (tmp_path / "features").exists() and not (tmp_path / "untrained").exists()
+
+
+def test_free_rival_is_the_answer_its_margin_and_their_product(llava_features):
+    distinct = llava_features.distinct
+    rival = P.rival_features(distinct)
+    yes = (distinct["parsed"] == "yes").to_numpy(float)
+    margin = np.abs(distinct["yes_no_margin"].to_numpy(float))
+    np.testing.assert_array_equal(rival, np.column_stack([yes, margin, yes * margin]))
+    np.testing.assert_array_equal(P.control_features(distinct)["free_rival"], rival)
+
+
+def test_control_comparisons_are_paired_on_the_probes_folds():
+    """On constructed data with 40 images: the rival's folds equal the probe's, and each row's difference equals
+    the two out-of-fold AUROCs computed apart (stats.auroc_difference's value), averaged over CV seeds."""
+    from types import SimpleNamespace
+
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    n = 240
+    correct = rng.random(n) < 0.7
+    parsed = np.where(rng.random(n) < 0.4, "yes", "no")
+    distinct = pd.DataFrame({"distinct_id": np.arange(n), "array_index": np.arange(n), "correct": correct,
+                             "image_file": [f"img{i // 6}.png" for i in range(n)], "parsed": parsed,
+                             "object": rng.choice(["cat", "dog", "cup"], n),
+                             "yes_no_margin": np.where(correct, 2.0, 0.5) * rng.normal(1.0, 0.5, n),
+                             "token_logprob": [[-0.1 * rng.random()] for _ in range(n)], "answer_length": 1})
+    hidden = np.column_stack([correct + rng.normal(0, 1.5, n), rng.normal(size=(n, 5))])
+    store = SimpleNamespace(hidden=lambda layer, position: hidden[:, None, :].repeat(2, axis=1)[:, layer])
+    features = SimpleNamespace(distinct=distinct, store=store, model="constructed")
+    table = P.control_comparisons(features, 1, folds=4, seeds=2, n_boot=50).set_index("control")
+    assert set(table.index) == {"answer", "object", "answer_x_object", "free_rival", "abs_margin", "mean_logprob"}
+    y, groups = correct, distinct["image_file"].to_numpy()
+    expected = []
+    for s in (0, 1):
+        probe = P.cross_validated(hidden, y, groups, "l1", folds=4, seed=s)
+        rival = P.cross_validated(P.rival_features(distinct), y, groups, "l1", folds=4, seed=s)
+        np.testing.assert_array_equal(probe.plan.outer, rival.plan.outer)
+        expected.append(roc_auc_score(y, probe.scores) - roc_auc_score(y, rival.scores))
+    assert table.loc["free_rival", "value"] == pytest.approx(np.mean(expected), abs=1e-12)
+    margin = np.abs(distinct["yes_no_margin"].to_numpy())
+    assert table.loc["abs_margin", "value"] == pytest.approx(
+        np.mean([roc_auc_score(y, P.cross_validated(hidden, y, groups, "l1", folds=4, seed=s).scores) for s in (0, 1)])
+        - roc_auc_score(y, margin), abs=1e-12)
+    assert (table["ci_low"] <= table["value"]).all() and (table["value"] <= table["ci_high"]).all()

@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from vrp_utils.analysis import changes
 from vrp_utils.analysis.concentration import attention_maps, top_tokens
 from vrp_utils.analysis.geometry import object_boxes, pixel_mask, token_box_overlap
 from vrp_utils.analysis.parallel import side_by_side
 
 CONDITIONS = ("top", "random", "bottom", "box")
-SUBSETS = ("all", "positive", "negative")
 
 
 def parse_fill(fill: str | int) -> str | int:
@@ -185,39 +185,28 @@ def masked_pass(features, mask_plan: MaskPlan, progress: bool = True) -> pd.Data
     return out
 
 
-def accuracy_changes(features, masked: pd.DataFrame, settings: Sequence[str], n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Accuracy and yes-ratio change per setting (and distinct inputs) and label subset, with image-level CIs."""
-    from vrp_utils.analysis.stats import mean_estimate, paired_accuracy_change
+def _after(masked: pd.DataFrame) -> pd.DataFrame:
+    """A masked pass's table in :mod:`vrp_utils.analysis.changes`' terms (``correct_after``, ``parsed_after``)."""
+    return masked.rename(columns={"correct_masked": "correct_after", "parsed_masked": "parsed_after"})[
+        ["distinct_id", "correct_after", "parsed_after", "masked_tokens"]]
 
-    joined = features.table.merge(masked, on="distinct_id", how="inner", suffixes=("", "_m"))
-    n_error = int(joined["error_m"].notna().sum()) if "error_m" in joined else int(joined["error"].notna().sum())
-    ok = joined[joined["correct_masked"].notna()]
-    scopes = {s: ok[ok["setting"] == s] for s in settings}
-    scopes["distinct"] = ok.drop_duplicates("distinct_id")
-    rows = []
-    for scope, frame in scopes.items():
-        for subset in SUBSETS:
-            part = frame if subset == "all" else frame[frame["label"] == ("yes" if subset == "positive" else "no")]
-            if len(part) == 0 or part["image_file"].nunique() < 2:
-                continue
-            change = paired_accuracy_change(part["correct"].to_numpy(bool), part["correct_masked"].to_numpy(bool),
-                                            part["image_file"].to_numpy(), n_boot=n_boot, seed=seed)
-            yes_shift = (part["parsed_masked"] == "yes").to_numpy(float) - (part["parsed"] == "yes").to_numpy(float)
-            yes = mean_estimate(yes_shift, part["image_file"].to_numpy(), n_boot=n_boot, seed=seed)
-            flat = change.as_dict()
-            details = flat.pop("details")
-            rows.append({"scope": scope, "subset": subset, **flat, **details,
-                         "yes_ratio_change": yes.value, "yes_ratio_change_ci_low": yes.ci_low,
-                         "yes_ratio_change_ci_high": yes.ci_high,
-                         "mean_masked_tokens": float(part["masked_tokens"].mean()), "n_error_rows": n_error})
-    return rows
+
+def accuracy_changes(features, masked: pd.DataFrame, settings: Sequence[str], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Accuracy and yes-ratio change per setting, label-balanced and over distinct inputs (:mod:`changes`)."""
+    return changes.accuracy_changes(features.table, _after(masked), settings, n_boot=n_boot, seed=seed,
+                                    extra_means=("masked_tokens",))
 
 
 def sweep(features: dict, conditions: Sequence[str], fractions: Sequence[float], sweep_conditions: Sequence[str],
           sweep_fractions: Sequence[float], layer: int | None, fill: str | int, seed: int, settings: Sequence[str],
-          n_boot: int = 1000, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
+          n_boot: int = 1000, progress: bool = True, jobs: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every (model, condition, fraction) pass: ``conditions`` at ``fractions``, plus ``sweep_conditions`` over
-    ``sweep_fractions``; ``jobs`` passes side by side (worker processes, one torch thread each; same stores)."""
+    ``sweep_fractions``; ``jobs`` passes side by side (worker processes, one torch thread each; same stores).
+
+    Returns the accuracy changes (:func:`accuracy_changes` of every pass) and the paired, label-balanced
+    differences of ``top`` and ``bottom`` from ``random`` at each fraction where both ran
+    (:func:`vrp_utils.analysis.changes.condition_difference`).
+    """
     runs = {(c, float(f)) for c in conditions for f in fractions} | {(c, float(f)) for c in sweep_conditions for f in sweep_fractions}
     runs = sorted({(c, math.nan if c == "box" else f) for c, f in runs},
                   key=lambda r: (CONDITIONS.index(r[0]), 0 if math.isnan(r[1]) else r[1]))
@@ -227,10 +216,19 @@ def sweep(features: dict, conditions: Sequence[str], fractions: Sequence[float],
         for condition, fraction in runs:
             tasks.append((f, condition, fraction, plan(f, condition, 0.5 if condition == "box" else fraction, layer, fill, seed, maps)))
     paths = side_by_side(_masked_pass_job, [_pass_arguments(f, p, progress and jobs <= 1) for f, _, _, p in tasks], jobs)
-    rows = []
+    rows, passes = [], {}
     for (f, condition, fraction, mask_plan), path in zip(tasks, paths):
         masked = _masked_table(path)
         masked["masked_tokens"] = masked["distinct_id"].map(lambda d: len(mask_plan.tokens[int(d)]))
+        passes[(f.model, condition, fraction)] = masked
         for row in accuracy_changes(f, masked, settings, n_boot, seed):
             rows.append({"model": f.model, "condition": condition, "fraction": fraction, **row})
-    return pd.DataFrame.from_records(rows)
+    differences = []
+    for f in features.values():
+        for (model, condition, fraction), masked in passes.items():
+            control = passes.get((model, "random", fraction))
+            if model != f.model or condition not in ("top", "bottom") or control is None:
+                continue
+            differences.append({"model": model, "condition": condition, "versus": "random", "fraction": fraction,
+                                **changes.condition_difference(f.table, _after(masked), _after(control), n_boot=n_boot, seed=seed)})
+    return pd.DataFrame.from_records(rows), pd.DataFrame.from_records(differences)

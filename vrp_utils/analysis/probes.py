@@ -63,8 +63,9 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from vrp_utils.analysis import changes
 from vrp_utils.analysis.parallel import side_by_side
-from vrp_utils.analysis.stats import Estimate, auroc, auroc_difference, grouped_folds, paired_accuracy_change
+from vrp_utils.analysis.stats import Estimate, auroc, auroc_difference, grouped_folds
 
 PROBES = ("l1", "mlp")
 POSITIONS = ("last_prompt", "answer_mean")
@@ -396,6 +397,50 @@ def probe_table(features, probes: Sequence[str], positions: Sequence[str], *, fo
     return pd.DataFrame.from_records(rows)
 
 
+def control_comparisons(features, layer: int, *, position: str = "last_prompt", kind: str = "l1", folds: int = 5, seeds: int = 3,
+                        seed: int = 0, n_boot: int = 1000, untrained=None) -> pd.DataFrame:
+    """The probe's AUROC minus each control's, on the same inputs and CV seeds: a paired image-level bootstrap.
+
+    Why: "the hidden state knows more than X" is a comparison of two scores of the same inputs, so it is
+    judged by the paired difference, never by whether two intervals overlap. Controls: the fitted ones of
+    :func:`control_features` (the free rival among them) and the untrained twin's state at ``layer``, each
+    fitted like the probe with the same folds (same labels, groups and CV seed); the unfitted scores
+    |yes-no margin| and the answer's mean log-probability. One row per control: the mean over CV seeds of
+    the difference, its seeds' 95% bounds averaged and the largest of their p-values.
+    """
+    distinct = features.distinct
+    y = distinct["correct"].to_numpy(bool)
+    groups = distinct["image_file"].to_numpy()
+    if cv_problem(y, groups, folds) is not None:
+        return pd.DataFrame()
+    X = hidden_matrix(features.store, distinct, layer, position)
+    fitted = dict(control_features(distinct))
+    if untrained is not None:
+        twin = untrained.table().set_index("question_id")
+        index = twin.loc[distinct["distinct_id"].to_numpy(), "array_index"].to_numpy()
+        fitted["untrained_twin"] = np.asarray(untrained.hidden(layer, "last_prompt"), dtype=float)[index]
+    unfitted = {"abs_margin": np.abs(distinct["yes_no_margin"].to_numpy(float)), "mean_logprob": mean_answer_logprob(distinct)}
+    rows = []
+    for s in range(seed, seed + seeds):
+        probe = cross_validated(X, y, groups, kind, folds=folds, seed=s).scores
+        scores = {name: cross_validated(C, y, groups, kind if name == "untrained_twin" else "l1", folds=folds, seed=s).scores
+                  for name, C in fitted.items()}
+        for name, score in {**scores, **unfitted}.items():
+            rows.append({"control": name, "cv_seed": s,
+                         **_estimate_row(auroc_difference(probe, score, y, groups, n_boot=n_boot, seed=s))})
+    frame = pd.DataFrame.from_records(rows)
+    out = []
+    for name, part in frame.groupby("control", sort=False):
+        out.append({"model": features.model, "layer": layer, "position": position, "probe": kind, "control": name,
+                    "value": part["value"].mean(), "ci_low": part["ci_low"].mean(), "ci_high": part["ci_high"].mean(),
+                    "p_value": part["p_value"].max(), "seed_min": part["value"].min(), "seed_max": part["value"].max(),
+                    "seeds": len(part), "n": int(part["n"].iloc[0]), "n_groups": int(part["n_groups"].iloc[0]),
+                    "method": "probe AUROC minus control AUROC on the same inputs and folds (stats.auroc_difference, paired "
+                              "cluster bootstrap over images); mean over CV seeds, the seeds' 95% bounds averaged, p: the "
+                              "largest of the seeds' p-values"})
+    return pd.DataFrame.from_records(out)
+
+
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`summarise_seeds` over a :func:`probe_table` (score controls have one "seed")."""
     keys = ["model", "source", "probe", "position", "layer", "subset"]
@@ -648,9 +693,12 @@ def _ablation_pass(model_dir: str, dataset, settings, root, layer: int, plan: di
 
 def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str | Sequence, draws: int = 1, *,
                    position: str = "last_prompt", seed: int = 0, n_boot: int = 1000, progress: bool = True,
-                   jobs: int = 1) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """One greedy pass per planned ablation of every model in ``features`` (``{name: Features}``) at ``layers[name]``;
-    accuracy change with CI and McNemar p, and per model the probe's C and weight counts.
+                   jobs: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
+    """One greedy pass per planned ablation of every model in ``features`` (``{name: Features}``) at ``layers[name]``.
+
+    Returns the accuracy changes of every pass in every scope (:func:`vrp_utils.analysis.changes.accuracy_changes`:
+    per setting, label-balanced, distinct), the paired label-balanced difference of the top-k pass from the first
+    random draw of as many dimensions, and per model the probe's C and weight counts.
 
     ``ablation_k`` is read against each model's width (:func:`parse_ablation`). The passes of all models run in
     one pool of ``jobs`` processes (one torch thread each; the stores, hence the results, do not depend on it).
@@ -671,22 +719,24 @@ def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str
     calls = [(str(features[name].model_dir), features[name].inputs, settings, features[name].store.path.parent, layers[name],
               plan, seed, progress and jobs <= 1, features[name].device, features[name].dtype) for name, plan in tasks]
     paths = side_by_side(_ablation_pass, calls, jobs)
-    rows = []
+    rows, answered = [], {}
     for (name, plan), path in zip(tasks, paths):
-        before = features[name].distinct.set_index("distinct_id")
         store = FeatureStore.open(path)
-        after = store.table().set_index("question_id")
-        ids = before.index.intersection(after.index)
-        change = paired_accuracy_change(before.loc[ids, "correct"].to_numpy(bool), after.loc[ids, "correct"].to_numpy(bool),
-                                        before.loc[ids, "image_file"].to_numpy(), n_boot=n_boot, seed=seed)
-        flat = change.as_dict()
-        details = flat.pop("details")
-        yes_after = float((after.loc[ids, "parsed"] == "yes").mean())
-        rows.append({"model": features[name].model, "layer": layers[name], "position": position,
-                     **{k: v for k, v in plan.items() if k != "dims"},
-                     "dims": ",".join(map(str, plan["dims"])), **flat, **details, "yes_ratio_after": yes_after,
-                     "yes_ratio_before": float((before.loc[ids, "parsed"] == "yes").mean()), "n_error_rows": store.n_errors})
-    return pd.DataFrame.from_records(rows), info
+        after = store.table().rename(columns={"question_id": "distinct_id", "correct": "correct_after", "parsed": "parsed_after"})
+        after = after[["distinct_id", "correct_after", "parsed_after"]]
+        answered[(name, plan["condition"], plan["k"], plan["draw"])] = after
+        keys = {"model": features[name].model, "layer": layers[name], "position": position,
+                **{k: v for k, v in plan.items() if k != "dims"}, "dims": ",".join(map(str, plan["dims"]))}
+        for row in changes.accuracy_changes(features[name].table, after, sorted(features[name].table["setting"].unique()),
+                                            n_boot=n_boot, seed=seed):
+            rows.append({**keys, **row, "n_error_rows": store.n_errors})
+    differences = []
+    for (name, condition, k, _), after in answered.items():
+        control = answered.get((name, "random", k, 0))
+        if condition == "top" and control is not None:
+            differences.append({"model": features[name].model, "layer": layers[name], "condition": "top", "versus": "random",
+                                "k": k, **changes.condition_difference(features[name].table, after, control, n_boot=n_boot, seed=seed)})
+    return pd.DataFrame.from_records(rows), pd.DataFrame.from_records(differences), info
 
 
 def _untrained_job(model_dir: str, dataset, root, seed: int, progress: bool, device: str = "cpu", dtype: str = "float32"):
