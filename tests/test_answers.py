@@ -77,6 +77,21 @@ def test_attention_answer_reads_intervals_against_zero_and_the_margin():
     assert "Every pooled metric" not in wide
 
 
+def test_attention_answer_says_when_a_label_subset_shows_what_pooling_hides():
+    results = attention_results()
+    quiet = answers.attention(results, margin=0.1)
+    results["point_biserial"] += [
+        est(0.268, 0.19, 0.342, model="m-a", scope="random", subset="negative", metric="entropy", layer=1),
+        est(-0.02, -0.08, 0.04, model="m-b", scope="random", subset="negative", metric="entropy", layer=1),
+        est(0.05, 0.01, 0.09, model="pooled", scope="pooled", subset="negative", metric="entropy", layer=1)]
+    loud = answers.attention(results, margin=0.1)
+    assert "Every pooled metric at every layer has its whole 95% CI inside" in loud  # the pooled verdict still holds
+    assert ('does not hold within one label: 2 of 3 within-label estimates at the last layer have a CI that excludes 0 '
+            '(unadjusted), the largest entropy within no-questions, m-a on random: +0.268 [+0.190, +0.342]') in loud
+    assert "pooled over models, entropy within no-questions +0.050 [+0.010, +0.090]." in loud
+    assert "does not hold within one label" not in quiet and "Within one label" not in quiet
+
+
 def test_the_attention_margin_is_the_one_declared_for_claim_1():
     from vrp_utils.pages import load_claims
 
@@ -88,53 +103,72 @@ def test_the_attention_margin_is_the_one_declared_for_claim_1():
 # -- 02 --------------------------------------------------------------------------------------------
 
 
-def masking_results(top_b=(-0.08, -0.10, -0.06)):
-    rows = []
-    for model, top, rnd in (("m-a", (-0.085, -0.107, -0.064), (-0.005, -0.020, 0.009)), ("m-b", top_b, (-0.02, -0.04, 0.0))):
-        rows.append(est(*top, model=model, condition="top", fraction=0.3, scope="distinct", subset="all"))
-        rows.append(est(*rnd, model=model, condition="random", fraction=0.3, scope="distinct", subset="all"))
-        rows.append(est(*top, model=model, condition="top", fraction=0.5, scope="distinct", subset="all"))  # not the main
-    return {"parameters": {"models": MODELS, "fraction": 0.3}, "accuracy_change": rows}
+def masking_results(pair_b=(-0.06, -0.08, -0.04)):
+    rows, versus = [], []
+    for model, top, rnd, pair in (("m-a", (-0.085, -0.107, -0.064), (-0.005, -0.020, 0.009), (-0.08, -0.10, -0.06)),
+                                  ("m-b", (-0.08, -0.10, -0.06), (-0.02, -0.04, 0.0), pair_b)):
+        rows.append(est(*top, model=model, condition="top", fraction=0.3, scope="balanced", subset="all"))
+        rows.append(est(*rnd, model=model, condition="random", fraction=0.3, scope="balanced", subset="all"))
+        rows.append(est(0.5, 0.4, 0.6, model=model, condition="top", fraction=0.3, scope="distinct", subset="all"))  # not quoted
+        rows.append(est(*top, model=model, condition="top", fraction=0.5, scope="balanced", subset="all"))  # not the main
+        versus.append(est(*pair, model=model, condition="top", versus="random", fraction=0.3, scope="balanced", subset="all"))
+    return {"parameters": {"models": MODELS, "fraction": 0.3}, "accuracy_change": rows, "top_minus_random": versus}
 
 
-def test_masking_answer_compares_top_with_random_by_their_intervals():
+def test_masking_answer_quotes_balanced_changes_and_compares_by_the_paired_difference():
     text = answers.masking(masking_results())
-    assert "m-a -8.5 [-10.7, -6.4] (as many at random: -0.5 [-2.0, +0.9])" in text
+    assert "m-a -8.5 [-10.7, -6.4] (as many at random: -0.5 [-2.0, +0.9]; paired difference -8.0 [-10.0, -6.0])" in text
+    assert "yes- and no-questions weighted 1/2 each" in text and "+50.0" not in text  # the unweighted row is not quoted
     assert "For all 2 models the loss excludes 0; for all 2 it is larger" in text and "cannot tell" not in text
-    close = answers.masking(masking_results(top_b=(-0.05, -0.07, -0.03)))
+    # The two intervals overlap for m-b ([-10, -6] vs [-4, 0] do not; make them overlap) but the paired one decides.
+    close = answers.masking(masking_results(pair_b=(-0.02, -0.05, 0.01)))
     assert "for 1 of 2 it is larger" in close and "cannot tell attention's choice from chance" in close
     assert "box" not in close  # no box condition in this run: nothing said about it
+    overlapping = masking_results(pair_b=(-0.03, -0.05, -0.01))
+    overlapping["accuracy_change"][4].update(ci_low=-0.12, ci_high=-0.01)  # m-b's top interval overlaps random's
+    assert "for all 2 it is larger" in answers.masking(overlapping)
+    unpaired = masking_results()
+    del unpaired["top_minus_random"]
+    assert "for 0 of 0 it is larger" in answers.masking(unpaired)
 
 
 # -- 03 --------------------------------------------------------------------------------------------
 
 
-def probe_results(probe_b=(0.74, 0.72, 0.76)):
-    rows = []
-    for model, probe, margin in (("m-a", (0.80, 0.77, 0.82), (0.70, 0.67, 0.73)), ("m-b", probe_b, (0.73, 0.71, 0.75))):
+def probe_results(probe_b=(0.74, 0.72, 0.76), rival_b=(-0.02, -0.04, -0.01)):
+    rows, versus = [], []
+    for model, probe, rival in (("m-a", (0.80, 0.77, 0.82), (0.03, 0.01, 0.05)), ("m-b", probe_b, rival_b)):
         rows.append(est(*probe, model=model, source="probe", probe="l1", position="last_prompt", subset="all", layer=1))
         rows.append(est(0.6, 0.55, 0.65, model=model, source="probe", probe="l1", position="last_prompt", subset="all", layer=0))
-        rows.append(est(0.5, 0.46, 0.54, model=model, source="untrained", probe="l1", position="last_prompt", subset="all", layer=1))
-        rows.append(est(*margin, model=model, source="control", probe="abs_margin", position=None, subset="all", layer=None))
-    ablation = [est(-0.005, -0.009, -0.001, model="m-a", condition="top", k=5), est(0.001, -0.006, 0.008, model="m-b", condition="top", k=5)]
+        versus.append(est(*rival, model=model, control="free_rival", layer=1))
+        versus.append(est(0.25, 0.2, 0.3, model=model, control="untrained_twin", layer=1))
+    ablation = [est(-0.005, -0.009, -0.001, model="m-a", condition="top", k=5, scope="balanced", subset="all"),
+                est(-0.05, -0.09, -0.01, model="m-a", condition="top", k=5, scope="distinct", subset="all"),  # not quoted
+                est(0.001, -0.006, 0.008, model="m-b", condition="top", k=5, scope="balanced", subset="all")]
     return {"parameters": {"models": MODELS, "probes": ["l1"], "positions": ["last_prompt"]},
-            "layers_used": {"m-a": 1, "m-b": 1}, "probe_auroc": rows, "ablation": ablation}
+            "layers_used": {"m-a": 1, "m-b": 1}, "probe_auroc": rows, "ablation": ablation, "probe_vs_control": versus}
 
 
-def test_probe_answer_weighs_the_probe_against_chance_own_confidence_and_the_twin():
+def test_probe_answer_weighs_the_probe_against_chance_the_free_rival_and_the_twin_paired():
     text = answers.probes(probe_results())
-    assert "m-a 0.800 [0.770, 0.820] at layer 1 (its own |yes-no margin| 0.700 [0.670, 0.730])" in text
-    assert "excludes chance (0.5) for all 2 models" in text and "above the model's own confidence for 1 of 2" in text
-    assert "adds nothing shown" in text and "untrained twin's hidden states is beaten with separated intervals for all 2" in text
-    assert "m-a -0.5 [-0.9, -0.1] points" in text and "excludes 0 for 1 of 2" in text
+    assert "m-a 0.800 [0.770, 0.820] at layer 1 (minus the free rival: +0.030 [+0.010, +0.050])" in text
+    assert "excludes chance (0.5) for all 2 models" in text
+    assert "lies above 0, for 1 of 2; it beats the probe for 1 of 2" in text and "does not show" in text
+    assert "untrained twin's hidden states is beaten (paired) for all 2" in text
+    assert "m-a -0.5 [-0.9, -0.1] points" in text and "excludes 0 for 1 of 2" in text and "-5.0" not in text
+    both = answers.probes(probe_results(rival_b=(0.02, 0.01, 0.03)))
+    assert "for all 2; it beats the probe for 0 of 2" in both and "knows more about correctness" in both
     chance = answers.probes(probe_results(probe_b=(0.52, 0.48, 0.56)))
     assert "excludes chance (0.5) for 1 of 2 models" in chance
+    bare = probe_results()
+    del bare["probe_vs_control"]
+    assert "No paired comparison with the controls" in answers.probes(bare)
 
 
 # -- 04 --------------------------------------------------------------------------------------------
 
 
-def consistency_results(auc_b=(0.68, 0.65, 0.71), r_sampled=(0.28, 0.25, 0.31)):
+def consistency_results(auc_b=(0.68, 0.65, 0.71), r_sampled=(0.28, 0.25, 0.31), pair=(0.02, -0.01, 0.05)):
     assoc = []
     for model, auc in (("m-a", (0.70, 0.67, 0.73)), ("m-b", auc_b)):
         assoc.append(est(*auc, model=model, scope="distinct", score="S_SC sampled, K=10", statistic="auroc"))
@@ -142,6 +176,7 @@ def consistency_results(auc_b=(0.68, 0.65, 0.71), r_sampled=(0.28, 0.25, 0.31)):
     assoc.append(est(0.30, 0.27, 0.33, model="pooled", scope="pooled", score="exact limit max(q, 1-q)", statistic="r_pb"))
     disagree = [{"model": "m-a", "quantity": "s_sc_is_1_at_k10", "value": 0.71}, {"model": "m-b", "quantity": "s_sc_is_1_at_k10", "value": 0.58}]
     return {"parameters": {"models": MODELS, "k": 10, "temperature": 0.7, "top_p": 0.9}, "association": assoc,
+            "limit_minus_sampled": [est(*pair, model="pooled", scope="pooled", statistic="r_pb")],
             "disagreement": disagree, "cost": [{"model": "m-a", "pass": "S_SC K=10 (prefix-shared)", "forward_pass_equivalents": 1.14, "n": 32}]}
 
 
@@ -149,10 +184,14 @@ def test_self_consistency_answer():
     text = answers.self_consistency(consistency_results())
     assert "agree (S_SC = 1) on 58% to 71% of a model's inputs" in text
     assert "m-a 0.700 [0.670, 0.730]; m-b 0.680 [0.650, 0.710]" in text and "excluding 0.5 for all 2 models" in text
-    assert "R_pb = +0.280 [+0.250, +0.310], an interval that excludes 0" in text and "not distinguishable from" in text
+    assert "R_pb = +0.280 [+0.250, +0.310], an interval that excludes 0" in text
+    assert "not distinguishable from the sampled score by a paired difference of +0.020 [-0.010, +0.050]" in text
     assert "cost 1.1x the greedy answer (m-a; measured once, on 32 inputs)" in text
+    # Intervals that overlap ([0.25, 0.31] and [0.27, 0.33]) with a paired difference that excludes 0: "above".
+    above = answers.self_consistency(consistency_results(pair=(0.02, 0.01, 0.03)))
+    assert "above the sampled score by a paired difference of +0.020 [+0.010, +0.030]" in above
     flat = answers.self_consistency(consistency_results(auc_b=(0.51, 0.47, 0.55), r_sampled=(0.02, -0.01, 0.05)))
-    assert "excluding 0.5 for 1 of 2 models" in flat and "an interval that includes 0" in flat and "above the sampled score" in flat
+    assert "excluding 0.5 for 1 of 2 models" in flat and "an interval that includes 0" in flat
 
 
 # -- 05 --------------------------------------------------------------------------------------------
@@ -239,3 +278,33 @@ def test_each_built_chapter_gives_an_answer(name):
     text = answers.answer(name, copy.deepcopy(results))
     assert text.startswith("**The answer in this build.**") and re.search(r"\d", text)
     assert "undefined" not in text and "not in this run" not in text, text
+
+
+#: Words that compare two estimates; a sentence holding one must rest on a paired difference, unless the word
+#: compares with a fixed value (chance, zero, a bound) rather than with another estimate.
+COMPARISONS = re.compile(r"\b(not distinguishable|cannot be told|beats?|beaten|above|below|larger than|more than)\b")
+FIXED = re.compile(r"^\W*(chance|0\b|zero|the best shortcut baseline)")
+
+
+def comparisons_without_a_paired_test(text: str) -> list[str]:
+    bad = []
+    for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z*])", text):
+        for match in COMPARISONS.finditer(sentence):
+            if "paired" not in sentence and not FIXED.match(sentence[match.end():]):
+                bad.append(f"{match.group(0)!r} in: {sentence}")
+    return bad
+
+
+def test_the_comparison_check_catches_an_unpaired_comparison():
+    assert comparisons_without_a_paired_test("The probe beats the rival. Its CI lies above chance (0.5).") == [
+        "'beats' in: The probe beats the rival."]
+    assert comparisons_without_a_paired_test("The probe beats the rival by a paired difference of +0.03.") == []
+
+
+@pytest.mark.built
+@pytest.mark.parametrize("name", [c for c in CHAPTERS if c in answers.ANSWERS])
+def test_built_answers_compare_two_estimates_only_through_a_paired_test(name):
+    path = RESULTS_DIR / f"{name}.json"
+    assert path.is_file(), f"{path} missing: run `make notebooks`"
+    text = answers.answer(name, copy.deepcopy(json.loads(path.read_text())["results"]))
+    assert comparisons_without_a_paired_test(text) == []

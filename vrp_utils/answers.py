@@ -9,10 +9,12 @@ value of a notebook before rendering it, so a value glued in the last cell shows
 
 Each function takes the chapter's published ``results`` dict (``results/<notebook>.json["results"]``)
 and returns Markdown. A quantity the run did not compute (a condition left out by a parameter, say) is
-named as absent, never filled in; an interval is always quoted with its value, and a judgement is read
-from intervals only: an interval "excludes" a value when the value lies outside it, and two estimates are
-"distinguishable" here only when their 95% intervals do not overlap (a conservative reading: the
-chapters publish no paired test of every pair).
+named as absent, never filled in; an interval is always quoted with its value. A single estimate is judged
+by its 95% interval against a value ("excludes 0"). Two estimates of the same inputs are compared only
+through their **paired** difference, as the chapters publish it (the difference recomputed on each image
+resample): "more than", "beats", "above" and "not distinguishable" are read from that difference's interval,
+never from whether two separate intervals overlap. Accuracy changes are the label-balanced ones (yes- and
+no-questions weighted 1/2 each, as a POPE setting is), which the chapters publish beside the per-setting ones.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def _est(row: dict, value: str = "value", low: str = "ci_low", high: str = "ci_h
     return tuple(row.get(k) * scale if _finite(row.get(k)) else None for k in (value, low, high))
 
 
+def _signed(x: float, spec: str) -> str:
+    """``x`` formatted, with a value that rounds to zero printed as zero (never "-0.0")."""
+    text = f"{x:{spec}}"
+    return text.replace("-", "+" if "+" in spec else "", 1) if float(text) == 0 and text.startswith("-") else text
+
+
 def _ci(row: dict, digits: int = 3, signed: bool = False, scale: float = 1.0, **keys: str) -> str:
     """``value [low, high]`` of a row (``undefined`` where the value is missing)."""
     value, low, high = _est(row, scale=scale, **keys)
@@ -39,8 +47,8 @@ def _ci(row: dict, digits: int = 3, signed: bool = False, scale: float = 1.0, **
         return "undefined"
     spec = f"{'+' if signed else ''}.{digits}f"
     if low is None or high is None:
-        return f"{value:{spec}} (no interval)"
-    return f"{value:{spec}} [{low:{spec}}, {high:{spec}}]"
+        return f"{_signed(value, spec)} (no interval)"
+    return f"{_signed(value, spec)} [{_signed(low, spec)}, {_signed(high, spec)}]"
 
 
 def _excludes(row: dict, null: float, **keys: str) -> bool | None:
@@ -162,6 +170,7 @@ def attention(results: dict, margin: float = 0.1) -> str:
         text += f" (the largest in size: {strongest['metric']} at layer {strongest['layer']}, {_ci(strongest, signed=True)})"
     text += (f". {len(significant)} of {len(tests)} tests (per model, setting and pooled; all answers and within one "
              "label) have a Holm-adjusted p < 0.05. ")
+    text += _within_labels(results, last, margin)
     r2 = [r for r in _rows(results, "explained_variance") if _finite(r.get("value"))]
     if r2:
         values = [r["value"] for r in r2]
@@ -172,13 +181,38 @@ def attention(results: dict, margin: float = 0.1) -> str:
     return text
 
 
+def _within_labels(results: dict, layer: int, margin: float) -> str:
+    """What the pooled figure can hide: the last layer's within-label estimates (yes- or no-questions, pooled and per
+    model x setting) whose CI excludes 0."""
+    rows = [r for r in _rows(results, "point_biserial", layer=layer) if r.get("subset") in ("positive", "negative")
+            and r.get("metric") != "inbox_mass" and _finite(r.get("value")) and _finite(r.get("ci_low"))]
+    if not rows:
+        return ""
+    shown = [r for r in rows if _excludes(r, 0.0)]
+    if not shown:
+        return (f"Within one label (yes- or no-questions) too, every estimate at the last layer ({len(rows)}, pooled and per "
+                "model x setting) has a CI that includes 0. ")
+    label = {"positive": "yes-questions", "negative": "no-questions"}
+    pooled = [r for r in shown if r.get("model") == POOLED]
+    strongest = max(shown, key=lambda r: abs(r["value"]))
+    where = "pooled" if strongest.get("model") == POOLED else f"{strongest['model']} on {strongest['scope']}"
+    text = (f"The pooled \"no effect\" does not hold within one label: {len(shown)} of {len(rows)} within-label estimates at "
+            f"the last layer have a CI that excludes 0 (unadjusted), the largest {strongest['metric']} within "
+            f"{label[strongest['subset']]}, {where}: {_ci(strongest, signed=True)}")
+    if pooled:
+        text += ("; pooled over models, " + "; ".join(f"{r['metric']} within {label[r['subset']]} {_ci(r, signed=True)}"
+                                                       + ("" if -margin <= r["ci_low"] and r["ci_high"] <= margin
+                                                          else f" (not inside \u00b1{margin:g})") for r in pooled))
+    return text + ". "
+
+
 def masking(results: dict) -> str:
     """Chapter 02: does masking what the model attends to cost more than masking at random?"""
     fraction = results["parameters"]["fraction"]
     models = _models(results)
 
-    def row(model: str, condition: str, with_fraction: bool = True) -> dict | None:
-        where = {"model": model, "condition": condition, "scope": "distinct", "subset": "all"}
+    def row(model: str, condition: str, scope: str = "balanced", subset: str = "all", with_fraction: bool = True) -> dict | None:
+        where = {"model": model, "condition": condition, "scope": scope, "subset": subset}
         if with_fraction:
             where["fraction"] = fraction
         return _one(_rows(results, "accuracy_change", **where))
@@ -186,21 +220,28 @@ def masking(results: dict) -> str:
     def points(r: dict | None) -> str:
         return "not run" if r is None else _ci(r, digits=1, signed=True, scale=100)
 
-    lines, more, hurts = [], 0, 0
+    versus = results.get("top_minus_random") or []
+    lines, more, hurts, compared = [], 0, 0, 0
     for model in models:
         top, rnd = row(model, "top"), row(model, "random")
-        lines.append(f"{model} {points(top)} (as many at random: {points(rnd)})")
+        pair = _one([r for r in versus if r.get("model") == model and r.get("condition") == "top"
+                     and _same(r.get("fraction"), fraction)])
+        text = f"{model} {points(top)} (as many at random: {points(rnd)}"
+        if pair is not None and _finite(pair.get("value")):
+            compared += 1
+            text += f"; paired difference {points(pair)}"
+            more += bool(_excludes(pair, 0.0)) and pair["value"] < 0
+        lines.append(text + ")")
         if top is not None and _excludes(top, 0.0) and top["value"] < 0:
             hurts += 1
-        if top is not None and rnd is not None and _separated(top, rnd) < 0:
-            more += 1
     text = (f"**The answer in this build.** Masking the {fraction:.0%} of image tokens the model attends to most changes "
-            f"accuracy, in points (95% CI, each model's distinct inputs), by: {'; '.join(lines)}. For "
-            f"{_count(hurts, len(models))} model{'s' if len(models) > 1 else ''} the loss excludes 0; for "
-            f"{_count(more, len(models))} it is larger than masking as many tokens at random, with the two intervals apart")
-    text += ("" if more == len(models) else
-             " (where they overlap, this run cannot tell attention's choice from chance)")
-    boxes = [(m, row(m, "box", with_fraction=False)) for m in models]
+            f"accuracy, in points (95% CI; each model's distinct inputs, yes- and no-questions weighted 1/2 each), by: "
+            f"{'; '.join(lines)}. For {_count(hurts, len(models))} model{'s' if len(models) > 1 else ''} the loss excludes 0; "
+            f"for {_count(more, compared)} it is larger than masking as many tokens at random, by a paired difference "
+            "whose interval excludes 0")
+    text += ("" if more == compared else
+             " (for the others this run cannot tell attention's choice from chance)")
+    boxes = [(m, row(m, "box", scope="distinct", subset="positive", with_fraction=False)) for m in models]
     boxes = [(m, r) for m, r in boxes if r is not None]
     if boxes:
         text += (". Masking the queried object's own box, on positive questions, costs "
@@ -209,14 +250,14 @@ def masking(results: dict) -> str:
 
 
 def probes(results: dict) -> str:
-    """Chapter 03: does a probe on the hidden states tell right from wrong, beyond the model's own confidence?"""
+    """Chapter 03: does a probe on the hidden states tell right from wrong, beyond what the answer gives for free?"""
     models = _models(results)
     layers = results.get("layers_used", {})
     params = results["parameters"]
     probe = "l1" if "l1" in params.get("probes", []) else (params.get("probes") or ["l1"])[0]
     position = "last_prompt" if "last_prompt" in params.get("positions", []) else (params.get("positions") or ["last_prompt"])[0]
-    lines, above, beats, below_twin = [], 0, 0, 0
-    fitted = 0
+    versus = results.get("probe_vs_control") or []
+    lines, above, beats_rival, below_rival, beats_twin, fitted, compared = [], 0, 0, 0, 0, 0, 0
     for model in models:
         layer = layers.get(model)
         best = _one(_rows(results, "probe_auroc", model=model, source="probe", probe=probe, position=position, subset="all",
@@ -225,35 +266,42 @@ def probes(results: dict) -> str:
             lines.append(f"{model}: no probe fitted")
             continue
         fitted += 1
-        own = _one(_rows(results, "probe_auroc", model=model, probe="abs_margin", subset="all"))
-        twin = _one(_rows(results, "probe_auroc", model=model, source="untrained", probe=probe, position=position,
-                          subset="all", layer=layer))
         text = f"{model} {_ci(best)} at layer {layer}"
-        if own is not None:
-            text += f" (its own |yes-no margin| {_ci(own)})"
-            beats += _separated(best, own) > 0
-        if twin is not None:
-            below_twin += _separated(best, twin) > 0
+        rival = _one([r for r in versus if r.get("model") == model and r.get("control") == "free_rival"])
+        if rival is not None and _finite(rival.get("value")):
+            compared += 1
+            text += f" (minus the free rival: {_ci(rival, signed=True)})"
+            beats_rival += bool(_excludes(rival, 0.0)) and rival["value"] > 0
+            below_rival += bool(_excludes(rival, 0.0)) and rival["value"] < 0
+        twin = _one([r for r in versus if r.get("model") == model and r.get("control") == "untrained_twin"])
+        if twin is not None and _finite(twin.get("value")):
+            beats_twin += bool(_excludes(twin, 0.0)) and twin["value"] > 0
         above += bool(_excludes(best, 0.5)) and best["value"] > 0.5
         lines.append(text)
     name = {"l1": "An L1 logistic", "mlp": "An MLP"}.get(probe, f"A {probe}")
     where = {"last_prompt": "the last prompt position's hidden state",
              "answer_mean": "the hidden state averaged over the answer"}.get(position, f"the {position} hidden state")
-    text = (f"**The answer in this build.** {name} probe on {where}, cross-validated "
-            f"by image, scores AUROC {'; '.join(lines)} (95% CI, distinct inputs). Its interval excludes chance (0.5) for "
-            f"{_count(above, fitted)} model{'s' if fitted != 1 else ''}, and lies above the model's own confidence for "
-            f"{_count(beats, fitted)}")
-    text += ("" if beats == fitted else " (where the intervals overlap, the hidden state adds nothing shown beyond what the "
-             "answer's margin already says)")
-    text += (f"; the same probe on an untrained twin's hidden states is beaten with separated intervals for "
-             f"{_count(below_twin, fitted)}.")
-    top = [r for r in _rows(results, "ablation", condition="top") if _finite(r.get("value"))]
+    text = (f"**The answer in this build.** {name} probe on {where}, cross-validated by image, scores AUROC "
+            f"{'; '.join(lines)} (95% CI, distinct inputs). Its interval excludes chance (0.5) for {_count(above, fitted)} "
+            f"model{'s' if fitted != 1 else ''}. ")
+    if compared:
+        text += (f"The free rival (a model on the answer, its |yes-no margin| and their product, fitted on the probe's folds) "
+                 f"is beaten, by a paired difference whose interval lies above 0, for {_count(beats_rival, compared)}; "
+                 f"it beats the probe for {_count(below_rival, compared)}")
+        text += (". So this build does not show that the hidden state knows more about correctness than the answer and its "
+                 "confidence already say" if beats_rival < compared else
+                 ". So the hidden state knows more about correctness than the answer and its confidence say, in every model")
+        text += (f"; the same probe on an untrained twin's hidden states is beaten (paired) for {_count(beats_twin, compared)}. ")
+    else:
+        text += "No paired comparison with the controls was published in this run. "
+    top = [r for r in _rows(results, "ablation", condition="top", scope="balanced", subset="all") if _finite(r.get("value"))]
     if top:
         costly = [r for r in top if _excludes(r, 0.0) and r["value"] < 0]
-        text += (f" Zeroing the top {_join(sorted({str(r['k']) for r in top}))} probe dimensions changes accuracy by "
+        text += (f"Zeroing the top {_join(sorted({str(r['k']) for r in top}))} probe dimensions changes accuracy "
+                 "(label-balanced) by "
                  + "; ".join(f"{r['model']} {_ci(r, digits=1, signed=True, scale=100)} points" for r in top)
                  + f": a loss that excludes 0 for {_count(len(costly), len(top))}.")
-    return text
+    return text.rstrip()
 
 
 def self_consistency(results: dict) -> str:
@@ -283,10 +331,13 @@ def self_consistency(results: dict) -> str:
     r_l = _one(_rows(results, "association", model=POOLED, score=limit, statistic="r_pb"))
     if r_s is not None:
         text += (f"Pooled, R_pb = {_ci(r_s, signed=True)}, an interval that {'excludes' if _excludes(r_s, 0.0) else 'includes'} 0")
+        pair = _one(_rows(results, "limit_minus_sampled", model=POOLED, statistic="r_pb")) if "limit_minus_sampled" in results else None
         if r_l is not None:
-            side = _separated(r_l, r_s)
-            text += (f"; the exact limit max(q, 1 - q), from one pass, gives {_ci(r_l, signed=True)}, "
-                     + ("above" if side > 0 else "below" if side < 0 else "not distinguishable from") + " the sampled score")
+            text += f"; the exact limit max(q, 1 - q), from one pass, gives {_ci(r_l, signed=True)}"
+            if pair is not None and _finite(pair.get("value")):
+                side = _excludes(pair, 0.0) and (1 if pair["value"] > 0 else -1)
+                text += (", " + ("above" if side == 1 else "below" if side == -1 else "not distinguishable from")
+                         + f" the sampled score by a paired difference of {_ci(pair, signed=True)}")
         text += ". "
     costs = [r for r in results.get("cost") or [] if str(r.get("pass", "")).startswith(f"S_SC K={k}")
              and _finite(r.get("forward_pass_equivalents"))]
