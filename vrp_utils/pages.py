@@ -441,7 +441,10 @@ def _cell(value: Any) -> str:
 
 
 def _num(x: float | None, digits: int) -> str:
-    return "?" if x is None else f"{x:.{digits}f}".replace("-", "\u2212")
+    if x is None:
+        return "?"
+    text = f"{x:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text.replace("-", "\u2212")  # never "-0.0"
 
 
 def format_cell(cell: Cell | None, claim: dict, built: bool, with_verdict: bool = True) -> str:
