@@ -197,27 +197,62 @@ def test_self_consistency_answer():
 # -- 05 --------------------------------------------------------------------------------------------
 
 
-def board(second=(0.74, 0.72, 0.76)):
-    def row(signal, auroc, cost, group="behaviour", only=""):
+def board(second=(0.74, 0.72, 0.76), paired=(0.010, 0.004, 0.016, 0.001), att_b=(-0.21, -0.24, -0.18, 1e-9),
+          excluded="", with_paired=True):
+    """A pooled cell: fusion (capture) best, entropy the best free signal; every difference is from entropy."""
+    def row(signal, auroc, cost, group="behaviour", only="", diff=(-0.2, -0.23, -0.17, 1e-9), excluded_models=""):
         v, lo, hi = auroc
-        return {"model": "pooled", "scope": "pooled", "subset": "all", "signal": signal, "group": group, "cost": cost,
-                "only": only, "auroc": v, "auroc_ci_low": lo, "auroc_ci_high": hi, "n": 5175,
-                "extra_seconds_per_input": 0.0 if cost == "greedy" else 0.0007}
-    rows = [row("fusion", (0.75, 0.73, 0.77), "capture", "fusion"), row("entropy", second, "greedy"),
-            row("att_a", (0.50, 0.48, 0.52), "capture", "attention"), row("att_b", (0.53, 0.51, 0.55), "capture", "attention"),
-            row("inbox", (0.9, 0.88, 0.92), "capture", "attention", only="positive")]
+        r = {"model": "pooled", "scope": "pooled", "subset": "all", "signal": signal, "group": group, "cost": cost,
+             "only": only, "auroc": v, "auroc_ci_low": lo, "auroc_ci_high": hi, "n": 5175,
+             "extra_seconds_per_input": 0.0 if cost == "greedy" else 0.0007, "excluded_models": excluded_models}
+        if with_paired:
+            d, dlo, dhi, p = diff
+            r.update({"best_free_signal": "entropy", "auroc_minus_best_free": d, "auroc_minus_best_free_ci_low": dlo,
+                      "auroc_minus_best_free_ci_high": dhi, "auroc_minus_best_free_p": p})
+        return r
+    rows = [row("fusion", (0.75, 0.73, 0.77), "capture", "fusion", diff=paired),
+            row("entropy", second, "greedy", diff=(0.0, None, None, None)),
+            row("margin", (0.735, 0.715, 0.755), "greedy", diff=(-0.005, -0.012, 0.002, 0.17)),
+            row("att_a", (0.50, 0.48, 0.52), "capture", "attention", diff=(-0.24, -0.27, -0.21, 1e-9)),
+            row("att_b", (0.53, 0.51, 0.55), "capture", "attention", diff=att_b, excluded_models=excluded),
+            row("inbox", (0.9, 0.88, 0.92), "capture", "attention", only="positive", diff=(0.1, 0.05, 0.15, 1e-4))]
     return {"parameters": {"models": MODELS}, "leaderboard": rows, "missing": []}
 
 
-def test_leaderboard_answer_names_the_best_signal_and_what_cannot_be_told_from_it():
+def test_leaderboard_answer_reads_the_paired_difference_not_overlapping_intervals():
+    # the two AUROC intervals overlap, but the paired difference excludes 0: the best is above the best free signal
     text = answers.leaderboard(board())
     assert "the best signal is **fusion**, AUROC 0.750 [0.730, 0.770] (0.70 ms extra per input, n = 5,175)" in text
-    assert "1 other signal cannot be told from it (overlapping 95% CIs: entropy)" in text
-    assert "entropy, scores 0.740 [0.720, 0.760]: not distinguishable from the best" in text
+    assert ("The best signal that costs nothing beyond the greedy answer, entropy, scores 0.740 [0.720, 0.760]; the best is "
+            "above it (paired AUROC difference +0.010 [+0.004, +0.016], p = 0.001)") in text
+    assert ("Of the 3 other signals, paired with entropy (AUROC difference, 95% CI from a paired bootstrap over images), "
+            "2 lie below it and 1 is not distinguishable from it (paired CI includes 0: margin)") in text
     assert "1 of 2 attention metrics has an AUROC interval that includes chance" in text
     assert "inbox" not in text  # positives only: not ranked against the rest
-    apart = answers.leaderboard(board(second=(0.70, 0.68, 0.72)))
-    assert "its interval lies above every other signal's" in apart and "below the best, with the intervals apart" in apart
+    for overlap_words in ("cannot be told", "overlapping", "intervals apart"):
+        assert overlap_words not in text
+    # paired CI includes 0: not distinguishable, quoted with the paired interval
+    tied = answers.leaderboard(board(paired=(0.010, -0.002, 0.022, 0.10)))
+    assert ("the two are not distinguishable (paired AUROC difference +0.010 [-0.002, +0.022], p = 0.1, an interval "
+            "that includes 0)") in tied
+    # intervals apart, paired CI excludes 0: still read from the paired test
+    apart = answers.leaderboard(board(second=(0.70, 0.68, 0.72), paired=(0.05, 0.04, 0.06, 1e-12)))
+    assert "the best is above it (paired AUROC difference +0.050 [+0.040, +0.060], p < 0.0001)" in apart
+    # a signal above the best free one is named; a left-out model is named
+    up = answers.leaderboard(board(att_b=(0.02, 0.01, 0.03, 0.001), excluded="zoo-qwen2-vl"))
+    assert "1 lie below it, 1 above it (att_b)" not in up and "1 lies below it, 1 above it (att_b)" in up
+    assert "Left out of the pooled rows because their score is constant for that model" in up and "att_b (zoo-qwen2-vl)" in up
+
+
+def test_leaderboard_answer_when_the_best_is_free_or_nothing_is_paired():
+    free_best = answers.leaderboard(board(second=(0.80, 0.78, 0.82), paired=(-0.05, -0.06, -0.04, 1e-9)))
+    assert "the best signal is **entropy**, AUROC 0.800 [0.780, 0.820] (no extra cost" in free_best
+    assert "It is also the best signal that costs nothing beyond the greedy answer" in free_best
+    assert "Of the 4 other signals" in free_best and "3 lie below it and 1 is not distinguishable" in free_best
+    unpaired = answers.leaderboard(board(with_paired=False))
+    assert "published no paired test against a free signal, so no two signals are compared here" in unpaired
+    for word in ("above", "below", "distinguishable", "beats"):
+        assert word not in unpaired.split("compared here")[1].split("attention metrics")[0]
 
 
 # -- the notebooks ---------------------------------------------------------------------------------

@@ -348,20 +348,40 @@ def self_consistency(results: dict) -> str:
     return text.rstrip()
 
 
+_PAIRED = {"value": "auroc_minus_best_free", "low": "auroc_minus_best_free_ci_low", "high": "auroc_minus_best_free_ci_high"}
+
+
+def _paired(row: dict) -> tuple[str, str]:
+    """(verdict, quoted difference) of a leaderboard row's paired AUROC difference from the best free signal:
+    "above" / "below" when its 95% CI excludes 0, "not distinguishable" when it includes 0, "untested" without one."""
+    side = _excludes(row, 0.0, **_PAIRED)
+    p = row.get("auroc_minus_best_free_p")
+    quoted = f"paired AUROC difference {_ci(row, signed=True, **_PAIRED)}" + (
+        "" if not _finite(p) else ", p < 0.0001" if p < 1e-4 else f", p = {p:.2g}")
+    if side is None:
+        return "untested", quoted
+    return ("above" if row["auroc_minus_best_free"] > 0 else "below") if side else "not distinguishable", quoted
+
+
 def leaderboard(results: dict) -> str:
-    """Chapter 05: which signal tells right from wrong best, and what does it cost beyond the answer?"""
+    """Chapter 05: which signal tells right from wrong best, and what does it cost beyond the answer?
+
+    Two signals are compared only through a paired test (each row's AUROC difference from the cell's best
+    free signal, with its paired image-bootstrap CI), never through overlapping intervals: a difference is
+    "above" or "below" when its 95% CI excludes 0 and "not distinguishable" when it includes 0.
+    """
     models = _models(results)
     scope = POOLED if len(models) > 1 else "distinct"
     model = POOLED if scope == POOLED else models[0]
-    rows = [r for r in _rows(results, "leaderboard", model=model, scope=scope, subset="all")
-            if _finite(r.get("auroc")) and not r.get("only")]
+    cell = _rows(results, "leaderboard", model=model, scope=scope, subset="all")
+    rows = [r for r in cell if _finite(r.get("auroc")) and not r.get("only")]
     if not rows:
         raise KeyError("no leaderboard rows with an AUROC in the chapter's results")
     keys = {"value": "auroc", "low": "auroc_ci_low", "high": "auroc_ci_high"}
     ranked = sorted(rows, key=lambda r: -r["auroc"])
     best = ranked[0]
-    free = [r for r in ranked if r.get("cost") == "greedy"]
-    ties = [r["signal"] for r in ranked[1:] if _separated(best, r, keys, keys) == 0]
+    named = {r.get("best_free_signal") for r in rows} - {None}
+    free = next((r for r in ranked if r["signal"] in named), None) if len(named) == 1 else None
 
     def cost(r: dict) -> str:
         seconds = r.get("extra_seconds_per_input")
@@ -370,23 +390,41 @@ def leaderboard(results: dict) -> str:
 
     where = "pooled over the models" if scope == POOLED else f"on {model}'s distinct inputs"
     text = (f"**The answer in this build.** {where.capitalize()}, the best signal is **{best['signal']}**, AUROC "
-            f"{_ci(best, **keys)} ({cost(best)}, n = {int(best['n']):,}); ")
-    if ties:
-        text += (f"{len(ties)} other signal{'s' if len(ties) > 1 else ''} cannot be told from it (overlapping 95% CIs: "
-                 f"{_join(ties)}). ")
+            f"{_ci(best, **keys)} ({cost(best)}, n = {int(best['n']):,}). ")
+    if free is None:
+        text += "This run published no paired test against a free signal, so no two signals are compared here. "
     else:
-        text += "its interval lies above every other signal's. "
-    if free and free[0] is not best:
-        side = _separated(best, free[0], keys, keys)
-        text += (f"The best signal that costs nothing beyond the greedy answer, {free[0]['signal']}, scores "
-                 f"{_ci(free[0], **keys)}: {'below the best, with the intervals apart' if side > 0 else 'not distinguishable from the best'}. ")
-    elif free:
-        text += "It costs nothing beyond the greedy answer. "
+        if free is best:
+            text += "It is also the best signal that costs nothing beyond the greedy answer. "
+        else:
+            verdict, quoted = _paired(best)
+            text += (f"The best signal that costs nothing beyond the greedy answer, {free['signal']}, scores "
+                     f"{_ci(free, **keys)}; " + {
+                         "above": f"the best is above it ({quoted}). ",
+                         "below": f"on the rows both score, the best is below it ({quoted}). ",
+                         "not distinguishable": f"the two are not distinguishable ({quoted}, an interval that includes 0). ",
+                         "untested": f"the two have no paired test ({quoted}). "}[verdict])
+        others = [r for r in ranked if r is not free and r is not best]
+        verdicts = {r["signal"]: _paired(r)[0] for r in others}
+        same = [name for name, v in verdicts.items() if v == "not distinguishable"]
+        below = [name for name, v in verdicts.items() if v == "below"]
+        above = [name for name, v in verdicts.items() if v == "above"]
+        if others:
+            text += (f"Of the {len(others)} other signals, paired with {free['signal']} (AUROC difference, 95% CI from a "
+                     f"paired bootstrap over images), {len(below)} {'lies' if len(below) == 1 else 'lie'} below it")
+            if above:
+                text += f", {len(above)} above it ({_join(above)})"
+            text += (f" and {len(same)} {'is' if len(same) == 1 else 'are'} not distinguishable from it"
+                     + (f" (paired CI includes 0: {_join(same)})" if same else "") + ". ")
     attention = [r for r in rows if r.get("group") == "attention"]
     if attention:
         chance = [r for r in attention if not _excludes(r, 0.5, **keys)]
         text += (f"{_count(len(chance), len(attention)).capitalize()} attention metrics "
                  f"{'has' if len(chance) == 1 else 'have'} an AUROC interval that includes chance (0.5).")
+    left_out = [f"{r['signal']} ({r['excluded_models']})" for r in cell if r.get("excluded_models")]
+    if left_out:
+        text += (f" Left out of the pooled rows because their score is constant for that model (z-scored, it would "
+                 f"count as chance): {_join(left_out)}.")
     missing = results.get("missing") or []
     if missing:
         text += f" Missing from this run (their chapter not built): {_join(missing)}."

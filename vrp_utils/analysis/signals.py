@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.special
 
-from vrp_utils.analysis.stats import Estimate, auroc, cluster_bootstrap_outputs, grouped_folds, point_biserial
+from vrp_utils.analysis.stats import Estimate, auroc, auroc_difference, cluster_bootstrap_outputs, grouped_folds, point_biserial
 
 SAMPLING = {"pool": 20, "k": 10, "temperature": 0.7, "top_p": 0.9, "seed": 0}
 ATTENTION_METRICS = {"entropy": -1, "entropy_norm": -1, "ck_text": -1, "ck_dbscan": -1, "top10_mass": +1, "gini": +1}
@@ -125,6 +125,18 @@ def _probe_oof(m: ModelInputs) -> np.ndarray:
     return cross_validated(np.asarray(states[d["array_index"].to_numpy(), -1]), y, groups, "l1", seed=0).scores
 
 
+def _free_rival(m: ModelInputs) -> np.ndarray:
+    """Declared before any data: the probe's free rival (answer is yes, |yes-no margin|, their product) fitted as an
+    L1 logistic model with :func:`_probe_oof`'s call (5 image-grouped folds, seed 0), so its folds are the probe's."""
+    from vrp_utils.analysis.probes import cross_validated, cv_problem, rival_features
+
+    d = m.distinct
+    y, groups = d["correct"].to_numpy(bool), d["image_file"].to_numpy()
+    if cv_problem(y, groups) is not None:
+        return np.full(len(d), np.nan)
+    return cross_validated(rival_features(d), y, groups, "l1", seed=0).scores
+
+
 def _lens_margin(m: ModelInputs) -> np.ndarray:
     """Declared before any data: the first layer (the last one is the model's own margin), signed toward the answer."""
     from vrp_utils.analysis.probes import LogitLens
@@ -144,8 +156,9 @@ def _fusion(m: ModelInputs) -> np.ndarray:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    # Hidden-state signals are out-of-fold scores themselves: stacking them here without nested folds would leak.
-    cheap = [s for s in REGISTRY.values() if s.cost in CHEAP_COSTS and s.subset is None and s.compute is not _fusion
+    # Hidden-state signals and the free rival are out-of-fold scores themselves: stacking them here without nested
+    # folds would leak (their training folds hold this fold's labels).
+    cheap = [s for s in REGISTRY.values() if s.cost in CHEAP_COSTS and s.subset is None and s.compute not in (_fusion, _free_rival)
              and s.available() and s.group != "hidden state"]
     x = np.column_stack([s.score(m) for s in cheap])
     x = np.where(np.isfinite(x), x, np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0))
@@ -174,6 +187,8 @@ def _registry() -> dict[str, Signal]:
         Signal("answer_logprob", "mean log-probability of the generated tokens (P_tok)", +1, "greedy", _mean_list("token_logprob")),
         Signal("answer_entropy", "mean entropy of the next-token distribution over the answer", -1, "greedy",
                _mean_list("token_entropy")),
+        Signal("free_rival", "L1 logistic on [answer is yes, |yes-no margin|, product], out-of-fold with the probe's folds",
+               +1, "greedy", _free_rival, requires="vrp_utils.analysis.probes"),
         *[Signal(f"attention_{metric}", f"attention {metric} (step-0 map, mean over layers)", direction, "capture",
                  _attention_metric(metric), group="attention") for metric, direction in ATTENTION_METRICS.items()],
         Signal("attention_inbox_mass", "attention mass inside the queried object's box (positives only)", +1, "capture",
@@ -297,6 +312,72 @@ def pooled(frames: dict[str, pd.DataFrame], columns: Sequence[str]) -> pd.DataFr
         per_input.insert(0, "model", model)
         parts.append(per_input.reset_index())
     return pd.concat(parts, ignore_index=True)
+
+
+def constant_models(frames: dict[str, pd.DataFrame], column: str) -> list[str]:
+    """Models whose ``column`` holds at most one distinct finite value (constant, or no finite value at all)."""
+    out = []
+    for model, frame in frames.items():
+        values = frame[column].to_numpy(float)
+        if len(np.unique(values[np.isfinite(values)])) <= 1:
+            out.append(model)
+    return out
+
+
+def pooled_scores(frames: dict[str, pd.DataFrame], columns: Sequence[str]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """:func:`pooled`, with each column set to NaN on the rows of the models whose score for it is constant.
+
+    Why: z-scoring turns a constant score into 0 for every input of that model, which a pooled AUROC then
+    averages in as chance (Qwen2-VL's 4x4 grid makes its DBSCAN C_k 0 everywhere). Such a model carries no
+    ranking for that signal, so it is left out of the signal's pooled rows and named: returns the frame and
+    ``{column: [excluded models]}``.
+    """
+    frame = pooled(frames, columns)
+    excluded = {column: constant_models(frames, column) for column in columns}
+    for column, models in excluded.items():
+        frame.loc[frame["model"].isin(models), column] = np.nan
+    return frame, excluded
+
+
+DIFFERENCE_METHOD = ("AUROC(signal) - AUROC(best free signal) on the rows where both scores are finite (positives only "
+                     "for a positives-only signal); 95% CI: paired cluster bootstrap over images, both AUROCs on each "
+                     "resample; p: two-sided z test of 0 with the bootstrap SE. The best free signal is the highest AUROC "
+                     "among the greedy-cost signals of the same cell; its own row holds 0 with no interval or p "
+                     "(a score minus itself).")
+DIFFERENCE_COLUMNS = ("best_free_signal", "auroc_minus_best_free", "auroc_minus_best_free_ci_low",
+                      "auroc_minus_best_free_ci_high", "auroc_minus_best_free_p", "auroc_minus_best_free_n")
+
+
+def differences_from_best_free(frame: pd.DataFrame, chosen: Sequence[Signal], aurocs: dict[str, float], n_boot: int = 1000,
+                               seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Each signal's paired AUROC difference from the cell's best free signal (:data:`DIFFERENCE_METHOD`).
+
+    ``frame``: one cell's rows (a column per signal's score, ``correct``, ``image_file``, ``label``);
+    ``aurocs``: each signal's AUROC in that cell (the best free signal is chosen from these, first in
+    ``chosen`` order among ties). Returns ``{signal: {column: value}}`` over :data:`DIFFERENCE_COLUMNS`.
+    """
+    free = [sig for sig in chosen if sig.cost == "greedy" and sig.subset is None and np.isfinite(aurocs.get(sig.name, np.nan))]
+    empty = dict.fromkeys(DIFFERENCE_COLUMNS, math.nan) | {"best_free_signal": None}
+    if not free:
+        return {sig.name: dict(empty) for sig in chosen}
+    best = max(free, key=lambda sig: aurocs[sig.name])
+    out = {}
+    for sig in chosen:
+        row = dict(empty) | {"best_free_signal": best.name}
+        part = frame if sig.subset is None else frame[frame["label"] == "yes"]
+        a, b = part[sig.name].to_numpy(float), part[best.name].to_numpy(float)
+        keep = np.isfinite(a) & np.isfinite(b)
+        groups, correct = part["image_file"].to_numpy()[keep], part["correct"].to_numpy(bool)[keep]
+        row["auroc_minus_best_free_n"] = int(keep.sum())
+        if sig is best:
+            row["auroc_minus_best_free"] = 0.0
+        elif keep.sum() >= 4 and len(np.unique(groups)) >= 2:
+            estimate = auroc_difference(a[keep], b[keep], correct, groups, n_boot=n_boot, seed=seed)
+            row.update({"auroc_minus_best_free": estimate.value, "auroc_minus_best_free_ci_low": estimate.ci_low,
+                        "auroc_minus_best_free_ci_high": estimate.ci_high,
+                        "auroc_minus_best_free_p": math.nan if estimate.p_value is None else estimate.p_value})
+        out[sig.name] = row
+    return out
 
 
 def evaluate(score: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
