@@ -59,15 +59,6 @@ def _excludes(row: dict, null: float, **keys: str) -> bool | None:
     return low > null or high < null
 
 
-def _separated(a: dict, b: dict, a_keys: dict | None = None, b_keys: dict | None = None) -> int:
-    """+1 when a's CI lies wholly above b's, -1 wholly below, 0 when they overlap (or one is missing)."""
-    _, a_lo, a_hi = _est(a, **(a_keys or {}))
-    _, b_lo, b_hi = _est(b, **(b_keys or {}))
-    if None in (a_lo, a_hi, b_lo, b_hi):
-        return 0
-    return 1 if a_lo > b_hi else -1 if a_hi < b_lo else 0
-
-
 def _rows(results: dict, key: str, **where: Any) -> list[dict]:
     rows = results.get(key)
     if not isinstance(rows, list):
