@@ -343,3 +343,37 @@ def test_built_answers_compare_two_estimates_only_through_a_paired_test(name):
     assert path.is_file(), f"{path} missing: run `make notebooks`"
     text = answers.answer(name, copy.deepcopy(json.loads(path.read_text())["results"]))
     assert comparisons_without_a_paired_test(text) == []
+
+
+# -- what stands out -------------------------------------------------------------------------------
+
+
+def test_what_stands_out_finds_an_ablation_that_helps_a_control_that_wins_and_a_flipped_label():
+    results = probe_results(rival_b=(-0.03, -0.05, -0.01))
+    results["ablation"] += [
+        est(0.04, 0.02, 0.06, model="m-b", condition="half", k=64, draw=0, scope="balanced", subset="all"),
+        est(-0.05, -0.07, -0.03, model="m-a", condition="half", k=64, draw=0, scope="balanced", subset="all"),
+        est(0.08, 0.05, 0.11, model="m-a", condition="half", k=64, draw=0, scope="distinct", subset="positive"),
+        est(0.02, -0.01, 0.05, model="m-b", condition="half", k=64, draw=0, scope="distinct", subset="negative")]
+    results["logit_lens"] = [est(0.37, 0.33, 0.41, model="m-a", layer=0, statistic="auroc_answer_margin"),
+                             est(0.45, 0.40, 0.52, model="m-b", layer=0, statistic="auroc_answer_margin")]
+    text = answers.what_stands_out("03_probes", results)
+    assert "Zeroing dimensions raises accuracy for m-b, half 64 dimensions +4.0 [+2.0, +6.0] points." in text
+    assert "m-a, half 64 dimensions: -5.0 [-7.0, -3.0] over both labels, +8.0 [+5.0, +11.0] within yes-questions" in text
+    assert "m-b, half 64 dimensions: +4.0 [+2.0, +6.0] over both labels" not in text  # m-b's subset CI includes 0
+    assert "Controls that beat the probe (paired probe minus control): m-b: free_rival -0.030 [-0.050, -0.010]." in text
+    assert "m-a at layer 0 0.370 [0.330, 0.410]" in text and "m-b at layer 0" not in text
+    assert "Sign convention: A probe's score is its out-of-fold P(correct)" in text
+    assert answers.answer("03_probes", results).endswith(text)
+
+def test_what_stands_out_says_nothing_was_found_and_still_states_the_convention():
+    results = probe_results(rival_b=(0.02, 0.01, 0.03))
+    results["probe_vs_control"] = [r for r in results["probe_vs_control"] if r["value"] > 0]
+    text = answers.what_stands_out("03_probes", results)
+    assert "Nothing in this run runs against the expected direction by these rules." in text
+    assert answers.what_stands_out("00_benchmark_and_zoo", zoo()) == ""
+    board_text = answers.what_stands_out("05_leaderboard", {"leaderboard": [
+        {"signal": "lens", "model": "m-a", "scope": "distinct", "subset": "all", "auroc": 0.4, "auroc_ci_low": 0.35, "auroc_ci_high": 0.45},
+        {"signal": "lens", "model": "m-a", "scope": "distinct", "subset": "yes answers", "auroc": 0.3, "auroc_ci_low": 0.2, "auroc_ci_high": 0.4}]})
+    assert "Signals below chance (AUROC interval under 0.5, 1): lens (m-a, distinct) 0.400 [0.350, 0.450]." in board_text
+    assert "-H_s here" in board_text

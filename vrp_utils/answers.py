@@ -422,6 +422,136 @@ def leaderboard(results: dict) -> str:
     return text.rstrip()
 
 
+# --------------------------------------------------------------------------------------------------
+# What stands out: results against the expected direction, chosen by declared rules
+# --------------------------------------------------------------------------------------------------
+#
+# Declared rules (the same for every build; nothing here is typed in):
+# 1. against the expected direction: an intervention (masking, zeroing dimensions) whose label-balanced
+#    change has its 95% CI wholly above 0 (it helps); a control whose paired difference from the probe has
+#    its CI wholly below 0 (it beats the probe); a correctness score whose AUROC CI lies wholly below 0.5;
+# 2. a label subset (yes- or no-questions) whose CI excludes 0 with the sign opposite to the estimate over
+#    both labels, whose CI excludes 0 too (the pooled figure hides it);
+# 3. the sign convention of the chapter's metrics, stated once.
+
+SIGN_CONVENTIONS = {
+    "01_attention": ("R_pb > 0 means a larger metric goes with correct answers. H_s (entropy) is larger when attention is "
+                     "more diffuse, C_k when the attended patches form more separate clusters, top-10% mass and Gini when "
+                     "attention is more concentrated."),
+    "02_masking": "A change is accuracy after masking minus before, in points: negative means masking costs accuracy.",
+    "03_probes": ("A probe's score is its out-of-fold P(correct), so AUROC > 0.5 means it ranks correct answers higher; "
+                  "a paired difference is the probe's AUROC minus the control's; an ablation's change is accuracy after "
+                  "minus before."),
+    "04_self_consistency": "S_SC and the exact limit are larger when the samples agree more; AUROC > 0.5 means agreement "
+                           "goes with correct answers.",
+    "05_leaderboard": ("Every signal is scored as its declared direction times its raw value, so that larger means more "
+                       "likely correct (the chapter's signal table lists each direction): attention entropy enters as "
+                       "-H_s here, the opposite sign of chapter 01's R_pb of +H_s."),
+}
+
+
+def _label(subset: str) -> str:
+    return {"positive": "yes-questions", "negative": "no-questions", "answer_yes": "yes-answers",
+            "answer_no": "no-answers"}.get(subset, subset)
+
+
+def _below_chance(rows: list[dict], name: Callable[[dict], str], **keys: str) -> list[str]:
+    out = []
+    for r in rows:
+        _, _, high = _est(r, **keys)
+        if high is not None and high < 0.5:
+            out.append(f"{name(r)} {_ci(r, **keys)}")
+    return out
+
+
+def _flips(pairs: list[tuple[str, dict, dict]], scale: float = 1.0, digits: int = 3) -> list[str]:
+    """(what, whole, subset) triples where the subset's CI excludes 0 with the sign opposite to the whole's value."""
+    out = []
+    for what, whole, part in pairs:
+        if not (_finite(whole.get("value")) and _finite(part.get("value"))) or not (_excludes(part, 0.0) and _excludes(whole, 0.0)):
+            continue  # a sign is read only from an interval that excludes 0, on both sides of the comparison
+        if whole["value"] * part["value"] < 0:
+            out.append(f"{what}: {_ci(whole, digits=digits, signed=True, scale=scale)} over both labels, "
+                       f"{_ci(part, digits=digits, signed=True, scale=scale)} within {_label(part['subset'])}")
+    return out
+
+
+def _intervention_notes(rows: list[dict], label: Callable[[dict], str]) -> tuple[list[str], list[str]]:
+    """Interventions that help (balanced CI above 0) and label subsets whose change runs the other way."""
+    helps = [f"{label(r)} {_ci(r, digits=1, signed=True, scale=100)} points" for r in rows
+             if r.get("scope") == "balanced" and _finite(r.get("ci_low")) and r["ci_low"] > 0]
+    flips = []
+    for r in rows:
+        if r.get("scope") != "balanced":
+            continue
+        same = [x for x in rows if x.get("scope") == "distinct" and x.get("model") == r.get("model")
+                and x.get("condition") == r.get("condition") and _same(x.get("fraction"), r.get("fraction"))
+                and _same(x.get("k"), r.get("k")) and _same(x.get("draw"), r.get("draw"))]
+        for part in same:
+            if part.get("subset") in ("positive", "negative"):
+                flips += _flips([(label(r), r, part)], scale=100, digits=1)
+    return helps, flips
+
+
+def what_stands_out(notebook: str, results: dict) -> str:
+    """The "what stands out" paragraph of a chapter, by the declared rules above ("" for a chapter without one)."""
+    notes: list[str] = []
+    if notebook == "01_attention":
+        rows = [r for r in results.get("point_biserial") or [] if r.get("model") == POOLED and r.get("metric") != "inbox_mass"]
+        layers = [r["layer"] for r in rows if _finite(r.get("layer"))]
+        if layers:
+            last = max(layers)
+            whole = {r["metric"]: r for r in rows if r.get("subset") == "all" and r.get("layer") == last}
+            flips = _flips([(f"pooled {r['metric']}", whole[r["metric"]], r) for r in rows
+                            if r.get("layer") == last and r.get("subset") in ("positive", "negative") and r["metric"] in whole])
+            if flips:
+                notes.append("Within one label the sign runs against the pooled one: " + "; ".join(flips) + ".")
+    elif notebook == "02_masking":
+        fraction = results.get("parameters", {}).get("fraction")
+        rows = [r for r in results.get("accuracy_change") or [] if r.get("condition") != "box"
+                and _same(r.get("fraction"), fraction)]
+        helps, flips = _intervention_notes(rows, lambda r: f"{r['model']}, {r['condition']}")
+        if helps:
+            notes.append("Masking raises accuracy for " + "; ".join(helps) + ".")
+        if flips:
+            notes.append("The change falls on one label and runs the other way on the other (distinct inputs): "
+                         + "; ".join(flips) + ".")
+    elif notebook == "03_probes":
+        helps, flips = _intervention_notes(results.get("ablation") or [],
+                                           lambda r: f"{r['model']}, {r['condition']} {r['k']} dimensions")
+        if helps:
+            notes.append("Zeroing dimensions raises accuracy for " + "; ".join(helps) + ".")
+        if flips:
+            notes.append("Ablation changes that run the other way within one label (distinct inputs): " + "; ".join(flips) + ".")
+        beaten = [f"{r['model']}: {r['control']} {_ci(r, signed=True)}" for r in results.get("probe_vs_control") or []
+                  if _finite(r.get("ci_high")) and r["ci_high"] < 0]
+        if beaten:
+            notes.append("Controls that beat the probe (paired probe minus control): " + "; ".join(beaten) + ".")
+        low = _below_chance([r for r in results.get("logit_lens") or [] if r.get("statistic") == "auroc_answer_margin"],
+                            lambda r: f"{r['model']} at layer {r['layer']}")
+        low += _below_chance([r for r in results.get("probe_auroc") or [] if r.get("source") == "probe"],
+                             lambda r: f"{r['model']} {r['probe']} probe at {r['position']}, layer {r['layer']}, {_label(r['subset'])}")
+        if low:
+            notes.append("Scores below chance (AUROC interval under 0.5): logit-lens answer margin or probe, " + "; ".join(low) + ".")
+    elif notebook == "04_self_consistency":
+        low = _below_chance([r for r in results.get("association") or [] if r.get("statistic") == "auroc"],
+                            lambda r: f"{r['model']} {r['score']} ({r['scope']})")
+        if low:
+            notes.append("Scores below chance (AUROC interval under 0.5): " + "; ".join(low) + ".")
+    elif notebook == "05_leaderboard":
+        keys = {"value": "auroc", "low": "auroc_ci_low", "high": "auroc_ci_high"}
+        low = _below_chance([r for r in results.get("leaderboard") or [] if r.get("subset") == "all"],
+                            lambda r: f"{r['signal']} ({r['model']}, {r['scope']})", **keys)
+        if low:
+            notes.append(f"Signals below chance (AUROC interval under 0.5, {len(low)}): " + "; ".join(low) + ".")
+    if notebook not in SIGN_CONVENTIONS:
+        return ""
+    found = " ".join(notes) if notes else "Nothing in this run runs against the expected direction by these rules."
+    return (f"**What stands out.** {found} Sign convention: {SIGN_CONVENTIONS[notebook]} (Chosen by declared rules: an "
+            "intervention whose label-balanced CI lies above 0; a control that beats the probe by a paired CI below 0; an "
+            "AUROC whose CI lies under 0.5; a label subset and both labels together with CIs that exclude 0 on opposite sides.)")
+
+
 ANSWERS: dict[str, Callable[[dict], str]] = {
     "00_benchmark_and_zoo": benchmark_and_zoo,
     "01_attention": attention,
@@ -436,9 +566,9 @@ def answer(notebook: str, results: dict) -> str:
     """The opening paragraph of ``notebook`` from its published ``results``."""
     if notebook not in ANSWERS:
         raise KeyError(f"no answer is written for {notebook!r}; chapters with one: {', '.join(ANSWERS)}")
-    if notebook == "01_attention":
-        return attention(results, margin=_claim_margin("1"))
-    return ANSWERS[notebook](results)
+    text = attention(results, margin=_claim_margin("1")) if notebook == "01_attention" else ANSWERS[notebook](results)
+    notes = what_stands_out(notebook, results)
+    return f"{text}\n\n{notes}" if notes else text
 
 
 def _claim_margin(claim_id: str) -> float:
