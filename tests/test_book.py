@@ -250,9 +250,12 @@ def _check_opening_answer(name: str, html: str) -> None:
     assert first, f"{name}: no paragraph under the title"
     shown = unescape(re.sub(r"<[^>]+>", "", first.group(1)))
     assert shown.startswith("The answer in this build."), f"{name}: the chapter does not open with its answer: {shown[:120]!r}"
-    expected = answer(name, json.loads((RESULTS_DIR / f"{name}.json").read_text())["results"])
+    expected, *more = answer(name, json.loads((RESULTS_DIR / f"{name}.json").read_text())["results"]).split("\n\n")
     numbers = lambda text: re.findall(r"[-+−]?\d[\d,]*(?:\.\d+)?%?", text)  # noqa: E731
     assert numbers(shown) == numbers(expected), f"{name}: the opening paragraph's numbers are not its results file's"
+    if more:  # "What stands out" follows the answer, as the second paragraph under the title
+        second = re.findall(r"<p>(.*?)</p>", after_title, re.DOTALL)[1]
+        assert numbers(unescape(re.sub(r"<[^>]+>", "", second))) == numbers(more[0]), f"{name}: 'what stands out' differs"
 
 
 @pytest.mark.built
