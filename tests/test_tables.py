@@ -21,7 +21,7 @@ def _frame() -> pd.DataFrame:
         "p_holm": [0.000012, 0.3973456, 0.0412],
         "n": [1725.0, 1725.0, 1080.0],
         "empty": [np.nan, None, np.nan],
-        "method": ["bootstrap over images"] * 3,
+        "method": ["bootstrap over images", "bootstrap over images", None],
     }, index=[280, 284, 271])
 
 
@@ -39,6 +39,9 @@ def test_a_results_frame_becomes_readable_strings():
         {"model": "zoo-paligemma", "layer": "1", "R_pb [95% CI]": "+0.500", "p (Holm)": "0.041", "n (inputs)": "1,080"},
     ]
     assert captions == ["method: bootstrap over images"]
+    numbers = pd.DataFrame({"setting": ["random", "popular"], "questions": [1080, 1080]})
+    table, captions = tables.format_table(numbers, {"setting": "setting", "questions": "questions"}, note="POPE-style")
+    assert list(table.columns) == ["setting", "questions"] and captions == ["POPE-style"]  # numbers stay in the table
 
 
 def test_p_values_points_and_zero():
@@ -59,6 +62,8 @@ def test_rows_are_sorted_cut_to_the_top_and_say_so():
     assert table["test"].tolist() == ["t29", "t28", "t27"]
     assert table["effect"].tolist() == ["-0.290", "0.280", "-0.270"]
     assert table["significant"].tolist() == ["no", "yes", "no"]
+    table, _ = tables.format_table(pd.DataFrame({"ok": [True, None, False]}, dtype=object), {"ok": "ok"})
+    assert table["ok"].tolist() == ["yes", "–", "no"]
     assert captions[-1].startswith("3 of 30 rows shown, by ")
     table, captions = tables.format_table(frame, {"test": "test", "effect": "effect"}, sort="effect", ascending=True, top=2)
     assert table["test"].tolist() == ["t29", "t27"] and "effect, smallest first" in captions[-1]
@@ -86,3 +91,9 @@ def test_markdown_and_csv(tmp_path):
     )
     with pytest.raises(ValueError):
         tables.write_csv(frame, "01_attention", "R_pb table", tmp_path)
+
+
+def test_headers_mix_shared_names_and_declared_pairs():
+    assert tables.headers("model", ("value", "AUROC [95% CI]"), "n") == {"model": "model", "value": "AUROC [95% CI]", "n": "n (inputs)"}
+    with pytest.raises(KeyError):
+        tables.headers("no_such_column")

@@ -109,7 +109,8 @@ def _integral(column: pd.Series) -> bool:
 def _format_column(column: pd.Series, source: str, digits: int) -> list[str]:
     if P_VALUE.search(source):
         return [format_p(v) for v in column]
-    if column.dtype == bool or (column.dropna().map(type).eq(bool).all() and not column.dropna().empty):
+    present = [v for v in column if not _missing(v)]
+    if column.dtype == bool or (present and all(isinstance(v, (bool, np.bool_)) for v in present)):
         return [MISSING if _missing(v) else ("yes" if v else "no") for v in column]
     if _integral(column):
         return [MISSING if _missing(v) else f"{int(round(float(v))):,}" for v in column]
@@ -136,12 +137,13 @@ def format_table(
     top: int = TOP,
     digits: int = 3,
     keep: tuple[str, ...] = (),
+    note: str | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """The page's table (strings, human headers, at most ``top`` rows) and its caption lines.
 
     ``columns`` maps each shown source column to its header, in the order shown; a column named in ``estimates``
-    is shown with its interval. A column empty on every row is dropped; one with the same text on every row (of
-    more than one) goes to the caption as "header: value", unless it is in ``keep``. ``sort`` (a column, or a
+    is shown with its interval. ``note`` is the caption's first line. A column empty on every row is dropped;
+    a text column with the same text on every row where it has one (of more than one) goes to the caption as "header: value", unless it is in ``keep``. ``sort`` (a column, or a
     function of the frame giving one key per row) orders the rows, largest first unless ``ascending``.
     """
     estimates = dict(estimates or {})
@@ -151,7 +153,7 @@ def format_table(
     ordered = _order(frame, sort, ascending)
     shown = ordered.head(top)
     cells: dict[str, list[str]] = {}
-    captions: list[str] = []
+    captions: list[str] = [note] if note else []
     for source, header in columns.items():
         if ordered[source].map(_missing).all():
             continue  # empty on every row, of the whole frame
@@ -161,9 +163,11 @@ def format_table(
         else:
             text = _format_column(shown[source], source, digits)
         whole = _format_column(ordered[source], source, digits) if source not in estimates else None
-        constant = len(ordered) > 1 and whole is not None and len(set(whole)) == 1 and source not in keep
+        textual = whole is not None and not pd.api.types.is_numeric_dtype(ordered[source])
+        present = {t for t in whole if t != MISSING} if textual else None
+        constant = len(ordered) > 1 and present is not None and len(present) == 1 and source not in keep
         if constant:
-            captions.append(f"{header}: {whole[0]}")
+            captions.append(f"{header}: {present.pop()}")
         else:
             cells[header] = text
     table = pd.DataFrame(cells, index=range(len(shown)))
@@ -225,3 +229,21 @@ def show(frame: pd.DataFrame, name: str, columns: Mapping[str, str], **options) 
     path = write_csv(frame, chapter, name)
     table, captions = format_table(frame, columns, **options)
     display(Markdown(to_markdown(table, captions, f"tables/{path.name}", len(frame))))
+
+
+#: Headers of the columns that many chapters' frames share (source column -> header with its unit).
+HEADERS = {
+    "model": "model", "scope": "setting", "setting": "setting", "subset": "questions", "metric": "metric",
+    "layer": "layer", "n": "n (inputs)", "n_groups": "images", "p_value": "p", "p_holm": "p (Holm)",
+    "method": "method", "undefined": "undefined because", "seeds": "seeds", "probe": "probe", "position": "token",
+    "source": "features", "condition": "condition", "fraction": "share masked", "k": "k",
+}
+
+
+def headers(*columns: str | tuple[str, str]) -> dict[str, str]:
+    """A rename map in display order: a name of :data:`HEADERS`, or a (source column, header) pair."""
+    out = {}
+    for column in columns:
+        source, header = column if isinstance(column, tuple) else (column, HEADERS[column])
+        out[source] = header
+    return out
