@@ -39,6 +39,8 @@ def test_a_results_frame_becomes_readable_strings():
         {"model": "zoo-paligemma", "layer": "1", "R_pb [95% CI]": "+0.500", "p (Holm)": "0.041", "n (inputs)": "1,080"},
     ]
     assert captions == ["method: bootstrap over images"]
+    partial = pd.DataFrame({"signal": ["a", "b"], "only": ["positive", None]})
+    assert tables.format_table(partial, {"signal": "signal", "only": "only on"})[0]["only on"].tolist() == ["positive", "–"]
     numbers = pd.DataFrame({"setting": ["random", "popular"], "questions": [1080, 1080]})
     table, captions = tables.format_table(numbers, {"setting": "setting", "questions": "questions"}, note="POPE-style")
     assert list(table.columns) == ["setting", "questions"] and captions == ["POPE-style"]  # numbers stay in the table

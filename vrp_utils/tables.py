@@ -164,7 +164,8 @@ def format_table(
             text = _format_column(shown[source], source, digits)
         whole = _format_column(ordered[source], source, digits) if source not in estimates else None
         textual = whole is not None and not pd.api.types.is_numeric_dtype(ordered[source])
-        present = {t for t in whole if t != MISSING} if textual else None
+        # (a method applies to the rows that have a value; any other partial column would be misread as every row's)
+        present = {t for t in whole if t != MISSING or source != "method"} if textual else None
         constant = len(ordered) > 1 and present is not None and len(present) == 1 and source not in keep
         if constant:
             captions.append(f"{header}: {present.pop()}")
