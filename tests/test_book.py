@@ -391,13 +391,128 @@ def test_status_page_says_which_zoo_made_each_chapters_numbers(tmp_path):
     assert "The released zoo (`zoo/`, published 20" in page
 
 
+class _Outputs(HTMLParser):
+    """The text of every rendered cell output (``div.cell_output``) of a chapter page, and whether its inputs are hidden."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[str] = []
+        self.inputs_shown = 0
+        self._depth = 0  # open <div>s inside the current output; 0: outside any
+
+    def handle_starttag(self, tag, attrs):
+        classes = (dict(attrs).get("class") or "").split()
+        if tag == "div" and self._depth:
+            self._depth += 1
+        elif tag == "div" and "cell_output" in classes:
+            self._depth = 1
+            self.outputs.append("")
+        if tag == "div" and "cell_input" in classes:
+            self.inputs_shown += 1
+
+    def handle_endtag(self, tag):
+        if tag == "div" and self._depth:
+            self._depth -= 1
+
+    def handle_data(self, data):
+        if self._depth:
+            self.outputs[-1] += data
+
+
+#: What no rendered output may contain (issue 23): progress bars, loading messages, the runner's bookkeeping, warnings,
+#: tracebacks and Python reprs of a table.
+OUTPUT_NOISE = ("Loading weights", "Writing model shards", "it/s]", "results published", "inputs declared", "Warning",
+                "Traceback", "dtype: float64", "[5 rows x")
+
+
+def _output_noise(html: str) -> list[str]:
+    parsed = _Outputs()
+    parsed.feed(html)
+    return [f"{noise!r} in: {text.strip()[:160]!r}" for text in parsed.outputs for noise in OUTPUT_NOISE if noise in text]
+
+
+def test_the_noise_check_reads_rendered_outputs_only():
+    page = ('<div class="cell_input"><pre>warnings.filterwarnings("ignore")  # Warning</pre></div>'
+            '<div class="cell_output docutils container"><div class="output stderr"><pre>UserWarning: x\n'
+            'Loading weights: 100%|#| 4/4 [00:00, 9.1it/s]</pre></div></div><p>Warning in prose is the author text.</p>')
+    found = _output_noise(page)
+    assert len(found) == 3 and all("Warning in prose" not in f for f in found), found
+    assert _output_noise('<div class="cell_output"><p>0.82 [0.80, 0.84]</p></div>') == []
+
+
 @pytest.mark.built
 def test_chapter_pages_show_no_build_noise():
-    """Progress bars, the runner's bookkeeping and tracebacks stay out of what a reader sees."""
+    """Progress bars, loading messages, the runner's bookkeeping, warnings and tracebacks stay out of every rendered
+    output, and no chapter shows a code cell's source unfolded (setup cells are hidden, 00 included)."""
     pages = sorted((HTML / "book" / "generated").glob("0*.html"))
     assert len(pages) == 6
     for page in pages:
         text = page.read_text()
-        for noise in ("Loading weights", "Writing model shards", "it/s]", "results published", "inputs declared",
-                      "Traceback (most recent call last)"):
-            assert noise not in text, (page.name, noise)
+        assert not _output_noise(text), (page.name, _output_noise(text))
+        assert "Traceback (most recent call last)" not in text, page.name
+        unfolded = re.findall(r'<div class="cell docutils container"(?![^>]*tag_hide-input)(?![^>]*tag_parameters)[^>]*>', text)
+        assert not unfolded, f"{page.name}: {len(unfolded)} code cells show their source unfolded"
+
+
+def _measure_tables(page: Path, tmp_path: Path) -> list[dict]:
+    """Open ``page`` at 1400 px with a script that, once laid out, records for every table in the article its width,
+    the article's content width and whether an ancestor inside the article scrolls horizontally."""
+    script = """<script>window.addEventListener('load', () => {
+      const article = document.querySelector('article') || document.querySelector('main') || document.body;
+      const width = article.getBoundingClientRect().width;
+      const rows = [...article.querySelectorAll('table')].map((table, i) => {
+        let scroller = null;
+        for (let el = table.parentElement; el && el !== article; el = el.parentElement) {
+          const o = getComputedStyle(el).overflowX;
+          if (o === 'auto' || o === 'scroll') { scroller = el; break; }
+        }
+        return {index: i, table: table.getBoundingClientRect().width, content: width,
+                scroller: scroller ? scroller.className : null,
+                scroller_width: scroller ? scroller.getBoundingClientRect().width : null,
+                head: (table.querySelector('tr') || table).innerText.slice(0, 80)};
+      });
+      const out = document.createElement('pre'); out.id = 'vrp-table-fit';
+      out.textContent = JSON.stringify(rows); document.body.appendChild(out);
+    });</script>"""
+    probe = page.with_name(f".fit-{page.name}")
+    try:
+        probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+        dom, _ = _browse(probe, tmp_path, "--dump-dom", "--window-size=1400,2000")
+    finally:
+        probe.unlink(missing_ok=True)
+    found = re.search(r'<pre id="vrp-table-fit"[^>]*>(.*?)</pre>', dom, re.DOTALL)
+    assert found, f"{page.name}: the measuring script did not run"
+    from html import unescape
+
+    return json.loads(unescape(found.group(1)))
+
+
+@pytest.mark.built
+@pytest.mark.parametrize("page", [p for p in _toc_pages() if p.startswith("book/generated/")])
+def test_every_table_fits_the_page_or_scrolls(page, tmp_path):
+    """At 1400 px, each rendered table fits the article's width, or sits in a horizontally scrolling container that
+    itself fits (the theme wraps Markdown tables in ``div.pst-scrollable-table-container``): nothing is cut off."""
+    cut = _cut_off(_measure_tables(HTML / page, tmp_path))
+    assert not cut, f"{page}: " + "; ".join(cut)
+
+
+def _cut_off(rows: list[dict]) -> list[str]:
+    """The measured tables that neither fit the content width nor sit in a scrolling container that fits."""
+    bad = []
+    for row in rows:
+        fits = row["table"] <= row["content"] + 1
+        scrolls = row["scroller"] is not None and row["scroller_width"] <= row["content"] + 1
+        if not (fits or scrolls):
+            bad.append(f"table {row['index']} ({row['head']!r}) is {row['table']:.0f} px wide in {row['content']:.0f} px "
+                       "and does not scroll")
+    return bad
+
+
+def test_the_table_fit_check_catches_a_table_cut_off(tmp_path):
+    """The check above on a constructed page: a wide table outside a scroller is caught, inside one it is not."""
+    wide = "<table><tr>" + "<td>0.82&nbsp;[0.80,&nbsp;0.84]</td>" * 40 + "</tr></table>"
+    page = tmp_path / "page.html"
+    page.write_text(f"<html><body><article style='width:800px'>{wide}<div style='overflow-x:auto'>{wide}</div>"
+                    "<table><tr><td>narrow</td></tr></table></article></body></html>")
+    rows = _measure_tables(page, tmp_path)
+    assert len(rows) == 3 and [r["index"] for r in rows if _cut_off([r])] == [0], rows

@@ -199,9 +199,10 @@ def execute(
     target = output_dir / f"{name}.ipynb"
     tmp = output_dir / f".{name}.running.ipynb"
     started = time.time()
-    env_before = os.environ.get("VRP_NOTEBOOK")
-    bars_before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    saved = {key: os.environ.get(key) for key in ("VRP_NOTEBOOK", "VRP_OUTPUT_DIR", "HF_HUB_DISABLE_PROGRESS_BARS")}
     os.environ["VRP_NOTEBOOK"] = name
+    # Where the chapter's tables write their full rows (vrp_utils.tables: tables/ beside the executed notebook).
+    os.environ["VRP_OUTPUT_DIR"] = str(output_dir.resolve())
     # The kernel inherits this: transformers' "Loading weights" and "Writing model shards" bars (and the hub's)
     # would otherwise be printed into the chapter's page; the runner's own bar stays in the terminal.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -230,7 +231,7 @@ def execute(
             f"{error.ename}: {error.evalue}\n(executed copy with the traceback: {failed})"
         ) from None
     finally:
-        for key, before in (("VRP_NOTEBOOK", env_before), ("HF_HUB_DISABLE_PROGRESS_BARS", bars_before)):
+        for key, before in saved.items():
             if before is None:
                 os.environ.pop(key, None)
             else:
