@@ -2,11 +2,21 @@
 
 Why here and not in notebooks: notebooks hold narrative, parameters and plotting *calls*; the
 drawing code is shared so that every chapter looks the same and is tested once.
+
+Legible at text width: the book shows an image at most :data:`TEXT_WIDTH_PX` wide (its content
+column at a 1400 px window, measured in headless Chromium), and its body text is
+:data:`BODY_TEXT_PX` high. Figures are drawn :data:`TEXT_WIDTH_IN` wide at :data:`DPI`, so they are
+shown at their own size, with fonts of at least :data:`FONT_PT` points (>= the body text), at most
+two panels per row, and legends outside the axes or in an empty panel. :func:`smallest_text_px`
+measures what a reader sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import textwrap
+import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -14,18 +24,106 @@ import numpy as np
 import seaborn as sns
 
 PALETTE = "colorblind"
+#: The book's content column (px) and body text height (px) at a 1400 px window (Chromium, 2026-12).
+TEXT_WIDTH_PX = 772
+BODY_TEXT_PX = 16
+DPI = 110
+#: Figure width (inches) shown at its own size in the content column.
+TEXT_WIDTH_IN = 7.0
+#: The smallest font on any figure: 11 pt at 110 dpi is 16.8 px.
+FONT_PT = 11
+#: Okabe & Ito's colour-blind-safe palette (Okabe & Ito 2008, "Color Universal Design").
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+#: One colour per model in every chapter; a model not named here gets a fixed colour from its name
+#: (:func:`model_colour`).
+MODEL_COLOURS: dict[str, str] = {
+    "zoo-llava": OKABE_ITO[0],
+    "zoo-paligemma": OKABE_ITO[1],
+    "zoo-qwen2-vl": OKABE_ITO[2],
+    "pooled": "#333333",
+}
+
+
+def model_colour(name: str) -> str:
+    """The model's colour: :data:`MODEL_COLOURS`, else one of the palette's other colours chosen by the name's hash."""
+    if name in MODEL_COLOURS:
+        return MODEL_COLOURS[name]
+    spare = [c for c in OKABE_ITO if c not in MODEL_COLOURS.values()]
+    return spare[zlib.crc32(str(name).encode()) % len(spare)]
+
+
+def colours_for(names: Sequence[str], by_model: bool = False) -> dict[str, Any]:
+    """A colour per name: the models' own colours (``by_model``), else the colour-blind palette in order."""
+    names = list(dict.fromkeys(names))
+    if by_model:
+        return {n: model_colour(n) for n in names}
+    return dict(zip(names, sns.color_palette(PALETTE, len(names))))
 
 
 def set_style() -> None:
-    """The book's figure style (deterministic, offline fonts)."""
+    """The book's figure style (deterministic, offline fonts, every text at least :data:`FONT_PT`)."""
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
-    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "font.family": "DejaVu Sans", "svg.hashsalt": "vrp"})
+    plt.rcParams.update({
+        "figure.dpi": DPI, "savefig.dpi": DPI, "font.family": "DejaVu Sans", "svg.hashsalt": "vrp",
+        "font.size": FONT_PT, "axes.titlesize": FONT_PT + 1, "axes.labelsize": FONT_PT, "xtick.labelsize": FONT_PT,
+        "ytick.labelsize": FONT_PT, "legend.fontsize": FONT_PT, "legend.title_fontsize": FONT_PT,
+        "figure.titlesize": FONT_PT,
+    })
 
 
 def caption(notebook: str, model: str, split: str, n: int, extra: str = "") -> str:
     """The line every figure carries: which notebook, model, split and n made it."""
     text = f"{notebook} · model: {model} · split: {split} · n = {n:,}"
     return f"{text} · {extra}" if extra else text
+
+
+def wrap(text: str, width: float = TEXT_WIDTH_IN, size: float = FONT_PT) -> str:
+    """``text`` broken into lines that fit ``width`` inches at ``size`` points (about 0.55 em a character)."""
+    chars = max(12, int(width * 72 / (0.55 * size)))
+    return "\n".join(textwrap.fill(part, chars, break_on_hyphens=False) for part in str(text).split("\n"))
+
+
+def set_title(figure: plt.Figure, title: str | None) -> None:
+    """The figure's caption line(s) on top, wrapped to the figure's width."""
+    if title:
+        figure.suptitle(wrap(title, figure.get_figwidth()), fontsize=FONT_PT)
+
+
+def panels(count: int, columns: int = 2, panel_height: float = 2.9, width: float = TEXT_WIDTH_IN,
+           **subplots: Any) -> tuple[plt.Figure, np.ndarray]:
+    """A text-width figure of ``count`` panels, at most ``columns`` per row; the axes as a flat array
+    (unused slots are switched off, the first of them kept for a legend: ``figure.spare_axes``)."""
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(width, panel_height * rows + 0.6), squeeze=False,
+                                layout="constrained", **subplots)
+    flat = axes.ravel()
+    for ax in flat[count:]:
+        ax.axis("off")
+    figure.spare_axes = list(flat[count:])
+    return figure, flat[:count]
+
+
+def legend_outside(figure: plt.Figure, handles: Sequence[Any], labels: Sequence[str], title: str | None = None) -> None:
+    """One legend for the figure that covers no data: in a spare panel if there is one, else below the axes."""
+    if not handles:
+        return
+    spare = getattr(figure, "spare_axes", [])
+    if spare:
+        spare[0].legend(handles, labels, loc="center", frameon=False, title=title)
+    else:
+        figure.legend(handles, labels, loc="outside lower center", ncol=min(2, len(labels)), frameon=False, title=title)
+
+
+def smallest_text_px(figure: plt.Figure, shown_width_px: float = TEXT_WIDTH_PX) -> float:
+    """The height in screen px of the smallest visible text when the saved figure is shown at most
+    ``shown_width_px`` wide (the book scales a wider image down): compare with :data:`BODY_TEXT_PX`."""
+    dpi = plt.rcParams["savefig.dpi"]
+    dpi = figure.dpi if dpi == "figure" else float(dpi)
+    saved = figure.get_figwidth() * dpi
+    scale = min(1.0, shown_width_px / saved)
+    sizes = [t.get_fontsize() for t in figure.findobj(plt.Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * dpi / 72 * scale if sizes else math.inf
 
 
 def show_examples(rows: Sequence[dict[str, Any]], columns: int = 4, title: str | None = None) -> plt.Figure:
@@ -54,44 +152,70 @@ def show_examples(rows: Sequence[dict[str, Any]], columns: int = 4, title: str |
 def estimate_lines(
     table: Any, x: str, hue: str, facet: str, value: str = "value", low: str = "ci_low", high: str = "ci_high",
     reference: float | None = 0.0, ylabel: str = "", title: str | None = None, facet_order: Sequence[str] | None = None,
+    columns: int = 2, hlines: Sequence[Mapping[str, Any]] = (), legend_title: str | None = None,
 ) -> plt.Figure:
-    """One panel per ``facet``: a line per ``hue`` over ``x`` with its CI as a band (points where x has one value)."""
+    """One panel per ``facet`` (at most ``columns`` a row): a line per ``hue`` over ``x`` with its CI as a band
+    (an interval bar where x has one value). Models (``hue="model"``) take their :data:`MODEL_COLOURS`.
+
+    ``hlines``: extra horizontal lines, each ``{"facet", "y", "label", "color", "linestyle"}``, drawn in their
+    panel and named in the one legend, which sits in a spare panel or below the axes (never on data).
+    """
     facets = list(facet_order) if facet_order is not None else list(dict.fromkeys(table[facet]))
     hues = list(dict.fromkeys(table[hue]))
-    colours = dict(zip(hues, sns.color_palette(PALETTE, len(hues))))
-    figure, axes = plt.subplots(1, len(facets), figsize=(3.6 * len(facets), 3.3), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], facets):
+    colours = colours_for(hues, by_model=hue == "model")
+    figure, axes = panels(len(facets), columns, sharey=True)
+    handles: dict[str, Any] = {}
+    ticks = sorted(set(table[x].astype(float)))
+    for ax, name in zip(axes, facets):
         part = table[table[facet] == name]
         for h in hues:
             line = part[part[hue] == h].sort_values(x)
             if line.empty:
                 continue
             xs = line[x].to_numpy(dtype=float)
-            ax.plot(xs, line[value], marker="o", color=colours[h], label=str(h))
+            handles[str(h)], = ax.plot(xs, line[value], marker="o", color=colours[h], label=str(h))
             ax.fill_between(xs, line[low].astype(float), line[high].astype(float), color=colours[h], alpha=0.18, linewidth=0)
             if len(xs) == 1:  # a band needs two x values: draw the interval as a bar
                 ax.vlines(xs, line[low].astype(float), line[high].astype(float), color=colours[h], linewidth=2)
+        for extra in hlines:
+            if extra["facet"] == name:
+                handles[extra["label"]] = ax.axhline(extra["y"], color=extra.get("color", "0.25"), linestyle=extra.get("linestyle", "--"),
+                                                     linewidth=1.4, label=extra["label"])
         if reference is not None:
             ax.axhline(reference, color="0.4", linewidth=0.8, linestyle="--")
-        ax.set_title(str(name), fontsize=10)
+        ax.set_title(str(name))
         ax.set_xlabel(x)
-        ax.set_xticks(sorted(set(table[x].astype(float))))
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+        ax.set_xticks(ticks)
+        ax.tick_params(labelleft=True)
+    for i, ax in enumerate(axes):
+        if i % max(1, min(columns, len(facets))) == 0:
+            ax.set_ylabel(ylabel)
+    legend_outside(figure, list(handles.values()), list(handles), legend_title)
+    set_title(figure, title)
     return figure
 
 
 def attention_overlay(ax: plt.Axes, image: Any, weights: np.ndarray, boxes: np.ndarray, highlight: Sequence[Sequence[float]] = (),
-                      title: str = "") -> None:
-    """An image with a map drawn over each token's patch (``boxes`` from the adapter) and boxes outlined."""
+                      title: str = "", grid_lines: bool = True) -> list[plt.Rectangle]:
+    """An image with a map drawn over each token's patch (``boxes`` from the adapter, in original-image pixels:
+    pixel x covers [x, x+1)) and ``highlight`` boxes outlined; the token rectangles, in token order.
+
+    Each token's rectangle covers exactly its patch (``gid`` ``token:k``), outlined thinly when ``grid_lines``,
+    so the token grid's true geometry shows (a centre crop, Qwen2-VL's merged 2x2 cells).
+    """
     ax.imshow(np.asarray(image), interpolation="nearest")
-    top = float(np.max(weights)) if len(weights) else 1.0
-    for w, (x0, y0, x1, y1) in zip(weights, boxes):
-        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, color="#d55e00", alpha=0.75 * float(w) / top, linewidth=0))
+    weights = np.asarray(weights, dtype=float)
+    top = float(np.max(weights)) if len(weights) and np.max(weights) > 0 else 1.0
+    drawn = []
+    for k, (w, (x0, y0, x1, y1)) in enumerate(zip(weights, boxes)):
+        rect = plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, facecolor=(0.835, 0.369, 0.0, 0.75 * float(w) / top),
+                             edgecolor=(1, 1, 1, 0.45) if grid_lines else "none", linewidth=0.5, gid=f"token:{k}")
+        ax.add_patch(rect)
+        drawn.append(rect)
     for x0, y0, x1, y1 in highlight:
-        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="#0072b2", linewidth=1.5))
-    ax.set_title(title, fontsize=7.5)
+        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="#0072b2", linewidth=2.0,
+                                   gid="object"))
+    if title:
+        ax.set_title(title, fontsize=FONT_PT, loc="left")
     ax.axis("off")
+    return drawn
