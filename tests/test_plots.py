@@ -71,3 +71,29 @@ def test_smallest_text_px_scales_a_figure_wider_than_the_column():
     figure = plt.figure(figsize=(2 * plots.TEXT_WIDTH_PX / plots.DPI, 2))
     figure.text(0.5, 0.5, "x", fontsize=plots.FONT_PT)
     assert plots.smallest_text_px(figure) == pytest.approx(plots.FONT_PT * plots.DPI / 72 / 2)
+
+
+def test_spread_keeps_a_gap_and_moves_only_what_collides():
+    values = [0.50, 0.505, 0.51, 0.80, 0.30]
+    out = plots.spread(values, 0.02)
+    ranked = sorted(out)
+    assert min(b - a for a, b in zip(ranked, ranked[1:])) >= 0.02 - 1e-12
+    assert out[3] == 0.80 and out[4] == 0.30  # far from the others: left where they are
+    assert list(pd.Series(out).rank()) == list(pd.Series(values).rank())  # order kept
+
+
+def test_cost_scatter_numbers_crowded_points_without_overlap_and_keys_them():
+    rows = [{"model": m, "signal": f"signal_{i}", "cost": 2e-4 if i < 9 else None, "auroc": 0.5 + 0.004 * i,
+             "low": 0.47 + 0.004 * i, "high": 0.53 + 0.004 * i} for m in ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl") for i in range(12)]
+    table = pd.DataFrame(rows)
+    figure = plots.cost_scatter(table, facet="model", label="signal", x="cost", y="auroc", low="low", high="high", floor=1e-5,
+                                xlabel="extra seconds per input (log)", ylabel="AUROC", title="t")
+    figure.canvas.draw()
+    assert plots.smallest_text_px(figure) >= plots.BODY_TEXT_PX
+    for ax in figure.axes[:3]:
+        labels = [t for t in ax.texts if (t.get_gid() or "").startswith("label:")]
+        assert len(labels) == 12
+        boxes = [matplotlib.text.Text.get_window_extent(t) for t in labels]  # the number, not its leader line
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    key = figure.axes[3].texts[0].get_text()
+    assert all(f"{i + 1:>2}  signal_{i}" in key for i in range(12))

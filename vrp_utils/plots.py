@@ -219,3 +219,117 @@ def attention_overlay(ax: plt.Axes, image: Any, weights: np.ndarray, boxes: np.n
         ax.set_title(title, fontsize=FONT_PT, loc="left")
     ax.axis("off")
     return drawn
+
+
+def annotated_heatmaps(table: Any, facet: str, row: str, column: str, order: Sequence[str], value: str = "value",
+                       low: str = "ci_low", high: str = "ci_high", vmin: float = 0.5, vmax: float = 1.0,
+                       xlabel: str = "", ylabel: str = "", facet_titles: Mapping[str, str] | None = None,
+                       title: str | None = None) -> plt.Figure:
+    """One heatmap per ``facet`` stacked at text width, each cell annotated "value [low, high]" in the body font;
+    rows and columns in ``order``."""
+    facets = list(dict.fromkeys(table[facet]))
+    figure, axes = panels(len(facets), columns=1, panel_height=0.45 * len(order) + 0.5, sharex=True)
+    order = list(order)
+    for i, (ax, name) in enumerate(zip(axes, facets)):
+        part = table[table[facet] == name]
+        grid = part.pivot(index=row, columns=column, values=value).loc[order, order].astype(float)
+        text = part.assign(_t=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(part[value], part[low], part[high])])
+        labels = text.pivot(index=row, columns=column, values="_t").loc[order, order]
+        sns.heatmap(grid, annot=labels, fmt="", vmin=vmin, vmax=vmax, cmap="viridis", cbar=False, ax=ax,
+                    annot_kws={"fontsize": FONT_PT})
+        ax.set_title((facet_titles or {}).get(name, str(name)), loc="left")
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel(xlabel if i == len(facets) - 1 else "")
+        ax.tick_params(axis="y", rotation=0)
+    set_title(figure, title)
+    return figure
+
+
+def spread(values: Sequence[float], gap: float) -> np.ndarray:
+    """Positions as close as possible to ``values`` (in their order) with at least ``gap`` between any two:
+    where labels would collide, they are pushed apart evenly about their mean (for labels beside clustered points)."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    # clusters of labels closer than gap are laid out evenly around their centre, merging until none overlap
+    groups = [[float(values[i])] for i in order]
+    centres = [g[0] for g in groups]
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(groups) - 1):
+            top_i = centres[i] + gap * (len(groups[i]) - 1) / 2
+            bottom_next = centres[i + 1] - gap * (len(groups[i + 1]) - 1) / 2
+            if bottom_next - top_i < gap - 1e-12:
+                groups[i] += groups.pop(i + 1)
+                centres.pop(i + 1)
+                centres[i] = float(np.mean(groups[i]))
+                merged = True
+                break
+    out = np.empty(len(values))
+    k = 0
+    for g, c in zip(groups, centres):
+        for j in range(len(g)):
+            out[order[k]] = c + gap * (j - (len(g) - 1) / 2)
+            k += 1
+    return out
+
+
+def cost_scatter(table: Any, facet: str, label: str, x: str, y: str, low: str, high: str, floor: float,
+                 fronts: Mapping[str, Sequence[str]] | None = None, reference: float | None = 0.5, xlabel: str = "",
+                 ylabel: str = "", title: str | None = None) -> plt.Figure:
+    """A scatter per ``facet`` (at most two a row) of ``y`` with its CI against ``x`` on a log scale (values below
+    ``floor`` drawn at it), each point numbered, the numbers spread apart with leader lines where points crowd,
+    and a key of numbers to ``label`` in a spare panel (or below); ``fronts[facet]``: labels joined by a step line."""
+    names = list(dict.fromkeys(table[label]))
+    number = {n: i + 1 for i, n in enumerate(names)}
+    facets = list(dict.fromkeys(table[facet]))
+    figure, axes = panels(len(facets), 2, panel_height=3.4, sharey=True)
+    for ax, name in zip(axes, facets):
+        part = table[table[facet] == name].copy()
+        part["_x"] = part[x].fillna(floor).clip(lower=floor).astype(float)
+        colour = model_colour(name)
+        ax.errorbar(part["_x"], part[y], yerr=[part[y] - part[low], part[high] - part[y]], fmt="o", ms=4, lw=1,
+                    color=colour, gid="points")
+        if fronts and fronts.get(name):
+            front = part.set_index(label).loc[list(fronts[name])]
+            ax.plot(front["_x"], front[y], color="0.3", lw=1, drawstyle="steps-post")
+        if reference is not None:
+            ax.axhline(reference, color="0.5", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(str(name))
+        ax.set_xlabel(xlabel)
+        ax.tick_params(labelleft=True)
+        ax.margins(x=0.25)
+        low_y, high_y = float(np.nanmin(table[low])), float(np.nanmax(table[high]))
+        ax.set_ylim(low_y - 0.03, high_y + 0.03)
+    for i, ax in enumerate(axes):
+        if i % 2 == 0:
+            ax.set_ylabel(ylabel)
+    figure.draw_without_rendering()  # the laid-out axes' heights, to keep numbers one text line apart
+    for ax, name in zip(axes, facets):
+        part = table[table[facet] == name].copy()
+        part["_x"] = part[x].fillna(floor).clip(lower=floor).astype(float)
+        bottom, top = ax.get_ylim()
+        gap = 1.3 * FONT_PT / 72 * figure.dpi / ax.get_window_extent().height * (top - bottom)
+        # points at about the same x (within a tenth of a decade) share a column of labels to their right
+        columns = np.round(np.log10(part["_x"].to_numpy()) / 0.1)
+        for col in np.unique(columns):
+            members = part[columns == col]
+            ys = spread(members[y].to_numpy(float), gap)
+            ys += max(0.0, bottom + gap / 2 - ys.min()) - max(0.0, ys.max() - (top - gap / 2))  # inside the axes if it fits
+            for (_, r), ly in zip(members.iterrows(), ys):
+                ax.annotate(str(number[r[label]]), (r["_x"], r[y]), xytext=(r["_x"] * 10 ** 0.18, ly), textcoords="data",
+                            fontsize=FONT_PT, va="center", ha="left", gid=f"label:{r[label]}",
+                            arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 0, "shrinkB": 2}
+                            ).set_in_layout(False)
+    key = [f"{number[n]:>2}  {n}" for n in names]
+    half = (len(key) + 1) // 2
+    text = "\n".join(key) if figure.spare_axes else "\n".join(
+        f"{a:<28}{b}" for a, b in zip(key[:half], key[half:] + [""]))
+    if figure.spare_axes:
+        figure.spare_axes[0].text(0.05, 0.5, text, va="center", ha="left", fontsize=FONT_PT, family="DejaVu Sans Mono",
+                                  transform=figure.spare_axes[0].transAxes)
+    else:
+        figure.text(0.02, 0.0, text, va="top", ha="left", fontsize=FONT_PT, family="DejaVu Sans Mono")
+    set_title(figure, title)
+    return figure
