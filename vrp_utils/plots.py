@@ -221,6 +221,45 @@ def attention_overlay(ax: plt.Axes, image: Any, weights: np.ndarray, boxes: np.n
     return drawn
 
 
+def attention_gallery(examples: Sequence[Mapping[str, Any]], columns: int = 2, title: str | None = None) -> plt.Figure:
+    """Examples (from :func:`vrp_utils.analysis.gallery.attention_examples`) at most ``columns`` a row: each the image
+    with its map over the token patches, the queried object's box in blue, and its question, answer and confidence."""
+    if not examples:
+        raise ValueError("attention_gallery needs at least one example")
+    figure, axes = panels(len(examples), columns, panel_height=3.6)
+    for ax, ex in zip(axes, examples):
+        verdict = "right" if ex["correct"] else "wrong"
+        text = (f"{ex['stratum']}\n{ex['question']}\nanswer {ex['answer']!r}: {verdict} (truth {ex['label']})\n"
+                f"|yes-no margin| {ex['confidence']:.2f}")
+        attention_overlay(ax, ex["image"], ex["weights"], ex["token_boxes"], ex["object_boxes"], wrap(text, TEXT_WIDTH_IN / columns))
+    set_title(figure, title)
+    return figure
+
+
+def masked_gallery(examples: Sequence[Mapping[str, Any]], title: str | None = None) -> plt.Figure:
+    """One row per example (from :func:`vrp_utils.analysis.gallery.masked_examples`) under its question: the image
+    unmasked, then as the model received it under each condition, each titled with the model's answer to it."""
+    if not examples:
+        raise ValueError("masked_gallery needs at least one example")
+    count = max(len(ex["views"]) for ex in examples)
+    size = TEXT_WIDTH_IN / count
+    titles = [[f"{v['condition']}\n" + wrap(f"{v['answer']!r} {'right' if v['correct'] else 'wrong'}", size * 0.95) for v in ex["views"]]
+              for ex in examples]
+    heights = [size + 0.2 * (1 + max(t.count("\n") + 1 for t in row)) + 0.2 for row in titles]
+    figure = plt.figure(figsize=(TEXT_WIDTH_IN, sum(heights) + 0.5), layout="constrained")
+    rows = np.atleast_1d(figure.subfigures(len(examples), 1, height_ratios=heights))
+    for sub, ex, row_titles in zip(rows, examples, titles):
+        sub.suptitle(wrap(f"{ex['stratum']}: {ex['question']} (truth: {ex['label']})", TEXT_WIDTH_IN), fontsize=FONT_PT, x=0.0, ha="left")
+        axes = sub.subplots(1, count, squeeze=False)[0]
+        for ax in axes:
+            ax.axis("off")
+        for ax, view, text in zip(axes, ex["views"], row_titles):
+            ax.imshow(np.asarray(view["image"]), interpolation="nearest")
+            ax.set_title(text, fontsize=FONT_PT)
+    set_title(figure, title)
+    return figure
+
+
 def annotated_heatmaps(table: Any, facet: str, row: str, column: str, order: Sequence[str], value: str = "value",
                        low: str = "ci_low", high: str = "ci_high", vmin: float = 0.5, vmax: float = 1.0,
                        xlabel: str = "", ylabel: str = "", facet_titles: Mapping[str, str] | None = None,
