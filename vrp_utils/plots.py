@@ -353,14 +353,18 @@ def cost_scatter(table: Any, facet: str, label: str, x: str, y: str, low: str, h
         # points at about the same x (within a tenth of a decade) share a column of labels to their right
         columns = np.round(np.log10(part["_x"].to_numpy()) / 0.1)
         for col in np.unique(columns):
-            members = part[columns == col]
-            ys = spread(members[y].to_numpy(float), gap)
-            ys += max(0.0, bottom + gap / 2 - ys.min()) - max(0.0, ys.max() - (top - gap / 2))  # inside the axes if it fits
-            for (_, r), ly in zip(members.iterrows(), ys):
-                ax.annotate(str(number[r[label]]), (r["_x"], r[y]), xytext=(r["_x"] * 10 ** 0.18, ly), textcoords="data",
-                            fontsize=FONT_PT, va="center", ha="left", gid=f"label:{r[label]}",
-                            arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 0, "shrinkB": 2}
-                            ).set_in_layout(False)
+            members = part[columns == col].sort_values(y)
+            # too many for one column of labels within the axes: alternate them right and left of the points
+            sides = [1] if len(members) * gap <= 0.9 * (top - bottom) else [1, -1]
+            for k, side in enumerate(sides):
+                group = members.iloc[k::len(sides)]
+                ys = spread(group[y].to_numpy(float), gap)
+                ys += max(0.0, bottom + gap / 2 - ys.min()) - max(0.0, ys.max() - (top - gap / 2))  # inside the axes if it fits
+                for (_, r), ly in zip(group.iterrows(), ys):
+                    ax.annotate(str(number[r[label]]), (r["_x"], r[y]), xytext=(r["_x"] * 10 ** (0.18 * side), ly), textcoords="data",
+                                fontsize=FONT_PT, va="center", ha="left" if side > 0 else "right", gid=f"label:{r[label]}",
+                                arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 0, "shrinkB": 2}
+                                ).set_in_layout(False)
     key = [f"{number[n]:>2}  {n}" for n in names]
     half = (len(key) + 1) // 2
     text = "\n".join(key) if figure.spare_axes else "\n".join(
