@@ -104,7 +104,7 @@ $(MATHJAX):
 	@touch $@
 
 notebooks: $(EXECUTED)
-book/generated/%.ipynb: notebooks/%.md $(PKG_SRC) $(BENCHMARK) $(ZOO) $(FEATURES) $(STAMP)/venv
+book/generated/%.ipynb: notebooks/%.md $(PKG_SRC) $(BENCHMARK) $(ZOO) $(FEATURES) $(BASELINES) $(STAMP)/venv
 	$(PY) -m vrp_utils.run $<
 
 # The status page also shows the benchmarks' ratios and the last `make verify` (if it ran).

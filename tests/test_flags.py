@@ -101,3 +101,21 @@ def test_the_verdict_page_and_findings_flag_a_weak_model(tmp_path):
         {"notebook": "00_benchmark_and_zoo", "results": {"zoo_accuracy": accuracy, "baselines": baselines}}))
     pages.write_pages(results, out)
     assert "\u26a0" not in (out / "paper_vs_reproduction.md").read_text() + (out / "findings.md").read_text()
+CHAPTERS = sorted(p.stem for p in (REPO_ROOT / "notebooks").glob("*.md"))
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_every_chapter_flags_its_weak_models_in_captions_and_tables(name):
+    """Each chapter checks its models once (``flags.weak_models``), passes the result to every figure caption and
+    puts ``flags.footnote`` in every cell that displays a table (a ``display`` of anything but Markdown)."""
+    from vrp_utils import run
+
+    cells = [c.source for c in run.read_notebook(REPO_ROOT / "notebooks" / f"{name}.md").cells if c.cell_type == "code"]
+    source = "\n".join(cells)
+    assert "flags.weak_models(" in source, f"{name}: never checks its models (flags.weak_models)"
+    captions = source.count("plots.caption(")
+    assert source.count("weak=weak") >= captions, f"{name}: a figure caption without weak=weak ({captions} captions)"
+    for cell in cells:
+        tables = [line for line in cell.splitlines() if re.match(r"\s*display\((?!Markdown\()", line)]
+        if tables:
+            assert "flags.footnote(weak" in cell, f"{name}: a table without the weak-model footnote: {tables[0].strip()}"
