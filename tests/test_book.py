@@ -55,7 +55,8 @@ def test_status_page_lists_runs(tmp_path):
     page = book.write_status(tmp_path, tmp_path / "status.md", benchmarks_dir=tmp_path / "none").read_text()
     assert "| 01_attention | 2026-01-01T00:00:00Z | 12.5 | `n=5` |" in page
     assert "model = 'zoo-llava'" in page
-    assert "not declared by this notebook" in page and "`make verify` has not run" in page
+    assert "not declared by this notebook" in page and "**Not run** on this build (chapters finished 2026-01-01T00:00:00Z)" in page
+    assert "0 of 1 declare the inputs they read; `make verify`: **not run**" in page
 
 
 def test_status_page_shows_inputs_commit_versions_benchmarks_and_verify(tmp_path):
@@ -89,9 +90,12 @@ def test_status_page_shows_inputs_commit_versions_benchmarks_and_verify(tmp_path
     assert "| `bench_x.json` | capture_over_plain | 0.978x |" in page and "other.json" not in page
     assert "**failed** (1 quantities)" in page and "| `00_benchmark_and_zoo/results/x` | 0.5 | 0.7 | abs 0.01 |" in page
     assert "Results changed since" not in page
+    assert "1 of 1 declare the inputs they read; `make verify`: **failed**, last check 2026-01-02T00:00:00Z" in page
+    assert "on exactly the results this book shows" in page
     (results / "00_benchmark_and_zoo.json").write_text(json.dumps(record | {"duration_s": 4.0}))
     page = book.write_status(results, tmp_path / "status.md", benchmarks_dir=benchmarks).read_text()
     assert "Results changed since that check (00_benchmark_and_zoo)" in page
+    assert "`make verify`: **not run on these results**, last check 2026-01-02T00:00:00Z" in page
 
 
 def _chromium() -> str:
@@ -516,3 +520,75 @@ def test_the_table_fit_check_catches_a_table_cut_off(tmp_path):
                     "<table><tr><td>narrow</td></tr></table></article></body></html>")
     rows = _measure_tables(page, tmp_path)
     assert len(rows) == 3 and [r["index"] for r in rows if _cut_off([r])] == [0], rows
+
+
+# -- Tables that fit the screen ---------------------------------------------------------------------
+
+#: Run in the page after it loads: open every folded block, then measure each table against the article column.
+_MEASURE_TABLES = """<script>
+window.addEventListener("load", () => {
+  document.querySelectorAll("details").forEach((d) => { d.open = true; });
+  const article = document.querySelector("article.bd-article") || document.querySelector("main");
+  const box = article.getBoundingClientRect();
+  const tables = [...document.querySelectorAll("table")].map((t) => {
+    const r = t.getBoundingClientRect();
+    return {left: r.left, right: r.right, width: t.scrollWidth, head: (t.rows[0] || {}).textContent || ""};
+  });
+  const out = document.createElement("pre");
+  out.id = "measured-tables";
+  out.textContent = JSON.stringify({left: box.left, right: box.right, tables});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _table_widths(html: str, base: Path, tmp_path: Path, width: int = 1400) -> dict:
+    """The article column's edges and each table's, in a ``width`` px window, with every ``<details>`` open, for a
+    built page's ``html`` copied to ``tmp_path`` with a ``<base>`` at ``base`` (its directory in the build, which
+    is not written to)."""
+    html = html.replace("<head>", f'<head><base href="{base.resolve().as_uri()}/">', 1)
+    html = html.replace("</body>", _MEASURE_TABLES + "</body>", 1)
+    probe = tmp_path / "measured.html"
+    probe.write_text(html)
+    dom, _ = _browse(probe, tmp_path, "--dump-dom", f"--window-size={width},1600")
+    found = re.search(r'<pre id="measured-tables"[^>]*>(.*?)</pre>', dom, re.DOTALL)
+    assert found, "the measuring script did not run"
+    from html import unescape
+
+    return json.loads(unescape(found.group(1)))
+
+
+def _overflowing(measured: dict) -> list[str]:
+    return [f"table {i + 1} ({t['head'].strip()[:60]!r}): {t['width']:.0f} px, right edge {t['right']:.0f} > "
+            f"{measured['right']:.0f}" for i, t in enumerate(measured["tables"])
+            if t["right"] > measured["right"] + 1 or t["width"] > measured["right"] - measured["left"] + 1]
+
+
+@pytest.mark.built
+@pytest.mark.parametrize("page", ["book/generated/paper_vs_reproduction.html", "book/generated/status.html"])
+def test_every_table_fits_the_content_column_at_1400_px(page, tmp_path):
+    """At 1400 px, with every folded block open, no table of the page is wider than the article column (none
+    needs the theme's sideways scrolling). The check, on the same page with a table that cannot wrap, fails."""
+    path = HTML / page
+    assert path.is_file(), f"{path} missing: run `make book`"
+    measured = _table_widths(path.read_text(), path.parent, tmp_path)
+    assert measured["tables"], f"{page}: no table measured"
+    assert not _overflowing(measured), f"{page}: " + "; ".join(_overflowing(measured))
+
+    wide = "<table><tr>" + "".join(f"<td>unbreakable_cell_number_{i:02d}</td>" for i in range(12)) + "</tr></table>"
+    control = path.read_text().replace('<article class="bd-article">', f'<article class="bd-article">{wide}', 1)
+    (tmp_path / "control").mkdir()
+    assert _overflowing(_table_widths(control, path.parent, tmp_path / "control")), "the width check cannot fail"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO_ROOT / "notebooks").glob("*.md")))
+def test_every_chapter_declares_the_inputs_it_read(name):
+    """The status page lists each chapter's inputs from its ``publish_inputs`` call: every chapter makes one, with
+    the models it read (the feature stores' ``declared_inputs``, or chapter 00's own fingerprints)."""
+    from vrp_utils import run
+
+    source = "\n".join(c.source for c in run.read_notebook(REPO_ROOT / "notebooks" / f"{name}.md").cells
+                       if c.cell_type == "code")
+    assert re.search(r"^publish_inputs\((\*\*declared_inputs\(|\n\s+data=)", source, re.MULTILINE), \
+        f"{name}: declares no inputs (the status page would say 'not declared by this notebook')"
+    assert "models=" in source or "declared_inputs(" in source, f"{name}: declares no models"

@@ -85,6 +85,7 @@ models: [zoo-a, zoo-b]
 claims:
   - id: "1"
     claim: concentration vs correctness
+    label: concentration
     paper: {value: "R_pb = 0.001", ci: "[-0.034, 0.036]", n: "3,090", source: "[A]"}
     kind: no effect
     margin: 0.1
@@ -106,6 +107,7 @@ claims:
     differs: tiny models
   - id: "2"
     claim: masking
+    label: masking
     paper: {value: "-8.2 to -11.3 points", source: "[A]", estimate: [-11.3, -8.2]}
     kind: effect
     sign: -1
@@ -139,6 +141,12 @@ def _fake(tmp_path):
     return results
 
 
+def _block(page: str, claim_id: str) -> str:
+    """The folded block of one claim on the paper-vs-reproduction page."""
+    start = page.index(f":::{{dropdown}} {claim_id} \u00b7 ")
+    return page[start:page.index("\n:::\n", start)]
+
+
 def test_pages_from_fake_results(tmp_path):
     results = _fake(tmp_path)
     out = tmp_path / "generated"
@@ -153,7 +161,9 @@ def test_pages_from_fake_results(tmp_path):
     row1 = [line for line in page.splitlines() if line.startswith("| 1 |")][-1]  # the table, after the rules
     assert row1.endswith("| **holds** | **n/a** |")  # direction on the pooled cell; size declared n/a
     row2 = [line for line in page.splitlines() if line.startswith("| 2 |")][-1]
-    assert row2.count("not built") == 5 and row2.endswith("| **not built** | **not built** |")  # 2 models, pooled, 2 verdicts
+    assert row2.endswith("| masking | -8.2 to -11.3 points [A] | not built | **not built** | **not built** |")
+    assert [line for line in _block(page, "2").splitlines() if line.startswith("| ")][1:] == [
+        "| zoo-a | not built |", "| zoo-b | not built |", "| pooled | not built |"]  # 2 models and pooled, folded
     assert "inside 0 \u00b1 0.1" in page  # the declared margin is on the page
     findings = (out / "findings.md").read_text()
     assert findings.startswith("1. Concentration: the paper reports R_pb = 0.001")
@@ -305,7 +315,8 @@ def test_claim_5b_fails_when_paligemma_loses_14_points(tmp_path):
     assert five_b.verdict == DIFFERS and five_b.size == pages.NOT_APPLICABLE
     page = pages.paper_vs_reproduction(list(by_id.values()), pages.load_claims()["models"])
     line = [x for x in page.splitlines() if x.startswith("| 5b |")][-1]
-    assert "\u221214.3 [\u221216.1, \u221212.5], n = 1,725; *differs*" in line and "| **differs** | **n/a** |" in line
+    assert "zoo-paligemma: \u221214.3 [\u221216.1,\u00a0\u221212.5]<br>" in line and line.endswith("| **differs** | **n/a** |")
+    assert "| zoo-paligemma | \u221214.3 [\u221216.1, \u221212.5], n = 1,725; *differs* |" in _block(page, "5b")
     # both families within a point: holds
     rows[2] = _ablation("zoo-paligemma", "half", 64, -0.004, -0.009, 0.001)
     assert _book_rows(_book_record(tmp_path, "03_probes", {"ablation": rows}))["5b"].verdict == HOLDS
@@ -325,7 +336,8 @@ def test_a_missing_balanced_scope_shows_missing_and_never_falls_back(tmp_path):
         assert by_id[claim_id].cells == {} and by_id[claim_id].verdict == pages.NOT_IN_RUN
     page = pages.paper_vs_reproduction(rows, pages.load_claims()["models"])
     line = [x for x in page.splitlines() if x.startswith("| 2 |")][-1]
-    assert line.count("missing (no row matches its selector)") == 3 and "\u22129.0" not in line
+    assert line.count(": missing") == 3 and "\u22129.0" not in line
+    assert _block(page, "2").count("missing (no row matches its selector)") == 3 and "\u22129.0" not in _block(page, "2")
     assert "missing: no row of this run matches its selector" in pages.findings(rows, pages.load_claims()["models"])
 
 

@@ -138,26 +138,45 @@ def _benchmark_lines(benchmarks_dir: Path) -> list[str]:
     ]
 
 
-def _verify_lines(summary_path: Path, results_dir: Path) -> list[str]:
+def verify_state(summary_path: Path, results_dir: Path) -> tuple[str, dict | None]:
+    """The last ``make verify`` as this build's status: ``passed`` or ``failed`` (on exactly these results),
+    ``stale`` (it checked other results: they changed since) or ``not run``; with its summary (None if not run)."""
     if not summary_path.is_file():
-        return ["`make verify` has not run on this build yet (it runs after the book is built; see `.ci/run`)."]
+        return "not run", None
     summary = json.loads(summary_path.read_text())
     from vrp_utils.verify import results_digest  # the digests `make verify` recorded
 
+    if results_digest(results_dir) != summary.get("files", {}):
+        return "stale", summary
+    return ("passed" if summary.get("passed") else "failed"), summary
+
+
+def _verify_lines(summary_path: Path, results_dir: Path, records: list[dict] | None = None) -> list[str]:
+    state, summary = verify_state(summary_path, results_dir)
+    finished = sorted(r["finished_utc"] for r in records or [] if r.get("finished_utc"))
+    built = f" (chapters finished {finished[-1]})" if finished else ""
+    how = ("`make book` and `make test` do not run it; CI (`.ci/run`) runs `make verify` after `make test`, and "
+           "`make verify` rewrites this page and re-renders the book with its result.")
+    if state == "not run":
+        return [f"**Not run** on this build{built}: {how}"]
+    from vrp_utils.verify import results_digest
+
+    checked = f"{summary.get('checked_utc', '?')}, commit `{(summary.get('git_commit') or '?')[:10]}`"
     verdict = "**passed**" if summary.get("passed") else f"**failed** ({summary.get('failed')} quantities)"
-    lines = [
-        f"The last `make verify` ({summary.get('checked_utc', '?')}, commit "
-        f"`{(summary.get('git_commit') or '?')[:10]}`) {verdict}: {summary.get('compared')} quantities compared with "
-        f"`results/reference/` under `results/reference/tolerances.yml`, {summary.get('ignored')} excluded by rule "
-        f"(run times, versions, fingerprints). Reference CPU: {summary.get('reference_cpu') or '?'}; "
-        f"this CPU: {summary.get('cpu') or '?'}.",
+    lines = []
+    if state == "stale":
+        current, seen = results_digest(results_dir), summary.get("files", {})
+        changed = sorted(k for k in set(current) | set(seen) if current.get(k) != seen.get(k))
+        lines += [f"**Not run on these results**{built}: the last `make verify` ({checked}) {verdict} on earlier "
+                  f"results. Results changed since that check ({', '.join(changed)}): run `make verify` again. {how}", ""]
+    else:
+        lines += [f"The last `make verify` ({checked}) {verdict} on exactly the results this book shows{built}.", ""]
+    lines += [
+        f"{summary.get('compared')} quantities compared with `results/reference/` under "
+        f"`results/reference/tolerances.yml`, {summary.get('ignored')} excluded by rule (run times, versions, "
+        f"fingerprints). Reference CPU: {summary.get('reference_cpu') or '?'}; this CPU: {summary.get('cpu') or '?'}.",
         "",
     ]
-    current = results_digest(results_dir)
-    checked = summary.get("files", {})
-    if current != checked:
-        changed = sorted(k for k in set(current) | set(checked) if current.get(k) != checked.get(k))
-        lines += [f"Results changed since that check ({', '.join(changed)}): run `make verify` again.", ""]
     failures = summary.get("failures") or []
     if failures:
         lines += ["| quantity | reference | new | tolerance | problem |", "|---|---|---|---|---|"]
@@ -212,26 +231,41 @@ def write_status(results_dir: Path = RESULTS_DIR, out: Path = GENERATED_DIR / "s
     records = _run_records(results_dir)
     if verify_summary is None:
         verify_summary = results_dir / "verify" / "summary.json"
+    state, summary = verify_state(verify_summary, results_dir)
+    verdict = {"not run": "**not run**", "stale": "**not run on these results**"}.get(state, f"**{state}**")
+    if summary is not None:
+        verdict += f", last check {summary.get('checked_utc', '?')}"
+    declared = [r["notebook"] for r in records if any((r.get("inputs") or {}).values())]
     lines = [
         "# Build status",
         "",
         "Every chapter of this book is a notebook executed by `python -m vrp_utils.run` (papermill) "
-        "before the book was rendered; this page is generated from the runner's records in `results/`.",
+        "before the book was rendered; this page is generated from the runner's records in `results/`, "
+        "by `make book` (`python -m vrp_utils.book status`) and again by `make verify`.",
         "",
-        "| notebook | finished (UTC) | run time (s) | parameters overridden | git commit | machine | torch | transformers |",
-        "|---|---|---|---|---|---|---|---|",
+        f"**This build:** {len(records)} chapters run"
+        + (f", the last finished {max(r['finished_utc'] for r in records)}" if records else "")
+        + f"; {len(declared)} of {len(records)} declare the inputs they read; `make verify`: {verdict} "
+        "(see {ref}`make-verify` below).",
+        "",
+        "| notebook | finished (UTC) | run time (s) | parameters overridden | git commit |",
+        "|---|---|---|---|---|",
     ]
     for record in records:
-        versions = record.get("versions", {})
-        host = record.get("host", {})
         overridden = ", ".join(f"`{k}={record['parameters'][k]!r}`" for k in record.get("overridden", [])) or "none (defaults)"
-        lines.append(
-            f"| {record['notebook']} | {record['finished_utc']} | {record['duration_s']} | {_cell(overridden)} | "
-            f"{_commit(record)} | {host.get('machine', '?')}, {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')} | "
-            f"{versions.get('torch', '?')} | {versions.get('transformers', '?')} |"
-        )
+        lines.append(f"| {record['notebook']} | {record['finished_utc']} | {record['duration_s']} | {_cell(overridden)} | "
+                     f"{_commit(record)} |")
     if not records:
-        lines.append("| (no notebook has run yet) | | | | | | | |")
+        lines.append("| (no notebook has run yet) | | | | |")
+    setups: dict[str, list[str]] = {}
+    for record in records:
+        versions, host = record.get("versions", {}), record.get("host", {})
+        setup = (f"{host.get('machine', '?')}, {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')}, "
+                 f"torch {versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}")
+        setups.setdefault(setup, []).append(record["notebook"])
+    if setups:
+        lines += ["", "Machines and versions: " + "; ".join(f"{', '.join(names)} on {setup}" for setup, names in setups.items())
+                  + "."]
     lines += ["", *_model_lines(records)]
     lines += ["", "## Each run: parameters, inputs, versions", ""]
     for record in records:
@@ -259,8 +293,8 @@ def write_status(results_dir: Path = RESULTS_DIR, out: Path = GENERATED_DIR / "s
         if versions:
             lines.append("Package versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".")
             lines.append("")
-    lines += ["## Benchmarks", "", *_benchmark_lines(benchmarks_dir), "", "## `make verify`", "",
-              *_verify_lines(verify_summary, results_dir), ""]
+    lines += ["## Benchmarks", "", *_benchmark_lines(benchmarks_dir), "", "(make-verify)=", "## `make verify`", "",
+              *_verify_lines(verify_summary, results_dir, records), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     if not out.exists() or out.read_text() != text:

@@ -251,7 +251,7 @@ def load_claims(path: Path = CLAIMS_FILE) -> dict:
         raise ClaimsError(f"{path}: expected a mapping with a non-empty 'claims' list")
     for claim in claims:
         name = claim.get("id", "?")
-        for key in ("id", "claim", "paper", "kind", "differs"):
+        for key in ("id", "claim", "label", "paper", "kind", "differs"):
             if key not in claim:
                 raise ClaimsError(f"{path}: claim {name} has no {key!r}")
         kind = claim["kind"]
@@ -563,18 +563,110 @@ def _direction_text(row: Row) -> str:
     return text + (f"; {note}" if note else "")
 
 
-def paper_vs_reproduction(rows: list[Row], models: list[str], history: str = "") -> str:
-    """The page: the two verdict rules, the declared margins with their reasons and dates, then the table."""
+def _ours_short(row: Row, models: list[str], weak: Any = None) -> str:
+    """The compact table's "ours": the value [CI] of each cell the row's verdicts read (badged where weak)."""
+    claim = row.claim
+    if claim["kind"] == "qualitative":
+        return claim.get("ours_text", "not tested")
+    if not row.built:
+        return NOT_BUILT
+    on = verdict_cells(claim)
+    names = list(on) if isinstance(on, list) else models if on == "models" else [on]
+    digits = int(claim["ours"].get("digits", 3))
+    parts = []
+    for name in names:
+        cell = row.cells.get(name)
+        if cell is None:
+            text = MISSING
+        elif cell.value is None:
+            text = UNDEFINED
+        else:
+            text = f"{_num(cell.value, digits)} [{_num(cell.ci_low, digits)},\u00a0{_num(cell.ci_high, digits)}]"
+        label = weak.label(name) if weak is not None and name != POOLED else name
+        parts.append(text if len(names) == 1 and name == POOLED else f"{label}: {text}")
+    return "<br>".join(parts)
+
+
+def _direction_short(row: Row) -> str:
+    flagged = within_label_flagged(row.claim, row.within) if row.verdict == HOLDS else []
+    return f"**{row.verdict}**" + (f" (over all inputs only; not within label: {', '.join(flagged)})" if flagged else "")
+
+
+def _details(row: Row, models: list[str], weak: Any = None) -> list[str]:
+    """A claim's folded block: the paper in full, every cell, where ours comes from, what differs, the rules."""
+    claim = row.claim
+    title = f"{claim['id']} \u00b7 {claim['label']}: direction {row.verdict}, size {row.size}"
+    lines = [f":::{{dropdown}} {title}", "", f"**The claim.** {claim['claim']}", "",
+             f"**The paper.** {_paper(claim)}" + (f"; {_compared(claim)}" if _compared(claim) else "") + ".", ""]
+    if claim["kind"] == "qualitative":
+        lines += [f"**Ours.** {claim.get('ours_text', 'not tested')}", ""]
+    else:
+        ours = claim["ours"]
+        lines += ["**Ours**, per model and pooled (value [95% CI], n; the direction verdict; where the row's verdicts "
+                  "read the cell, its size verdict):", "", "| cell | ours |", "|---|---|"]
+        for name in models:
+            shown = weak.label(name) if weak is not None else name
+            lines.append(f"| {_cell(shown)} | {_cell(format_cell(row.cells.get(name), claim, row.built))} |")
+        pooled = ("not computed" if row.built else NOT_BUILT) if ours.get("pooled") is None \
+            else format_cell(row.cells.get(POOLED), claim, row.built)
+        lines += [f"| {POOLED} | {_cell(pooled)} |", "",
+                  f"**Where ours comes from.** `{ours['notebook']}`: {ours.get('description', ours['key'])}.", ""]
+    lines += [f"**What differs.** {claim['differs']}", "", f"**Direction.** {_direction_text(row)}.", "",
+              f"**Size.** **{row.size}**.", ""]
+    weak_here = weak.sentence([m for m in models if m in row.cells]) if weak is not None and row.built else ""
+    if weak_here:
+        lines += [weak_here, ""]
+    lines += ["**The rules.**", "",
+              f"- direction rule: {_rule(claim)};",
+              f"- size rule: {_size_rule(claim)};",
+              f"- verdicts read: {_verdict_scope(claim)};",
+              f"- rules declared: {_declared(claim)}."]
+    lines += [f"- {w.rstrip('.')}." for w in _whys(claim)]
+    return lines + ["", ":::", ""]
+
+
+def paper_vs_reproduction(rows: list[Row], models: list[str], history: str = "", weak: Any = None) -> str:
+    """The page: the verdicts at a glance (a compact table), then each claim in a folded block with every cell,
+    where ours comes from, what differs and its rules with their dates; the two verdict rules below."""
     lines = [
         "# Paper vs this reproduction",
         "",
         "Each row is a headline claim of the paper (`PAPER.md` in the project's shared notes; sources: **[A]** the "
         "abstract, **[R]** the released code's README and configs, **[S]** a third-party summary) beside what this "
-        "build measured on the zoo models, per model and pooled: value, 95% CI (cluster bootstrap over images) and n. "
-        "Our numbers are read from `results/*.json` when the book is built (`python -m vrp_utils.book pages`); a "
-        "chapter whose results are absent says **not built**, and a cell whose selector matches no row of the run "
-        "says **missing** (no other row stands in for it). The claims, with where each of our numbers comes from, "
-        "are data: `book/claims.yml`.",
+        "build measured on the zoo models: the value and 95% CI (cluster bootstrap over images) of the cell the "
+        "verdicts read, and the two verdicts (rules below). Open a claim's block under the table for every model "
+        "and the pooled estimate with n, where our number comes from, what differs from the paper, and the rules "
+        "with their reasons and dates. Our numbers are read from `results/*.json` when the book is built "
+        "(`python -m vrp_utils.book pages`); a chapter whose results are absent says **not built**, and a cell whose "
+        "selector matches no row of the run says **missing** (no other row stands in for it). The claims, with where "
+        "each of our numbers comes from, are data: `book/claims.yml`.",
+        "",
+        "| # | claim | paper | ours [95% CI] | direction | size |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        claim = row.claim
+        paper = claim["paper"]
+        paper_short = f"{paper.get('value', '')} {paper.get('source', '')}".strip()
+        lines.append(f"| {_cell(claim['id'])} | {_cell(claim['label'])} | {_cell(paper_short)} | "
+                     f"{_cell(_ours_short(row, models, weak))} | {_cell(_direction_short(row))} | **{row.size}** |")
+    note = weak.sentence() if weak is not None else ""
+    if note:
+        lines += ["", note]
+    lines += ["", "## Each claim in full", ""]
+    for row in rows:
+        lines += _details(row, models, weak)
+    lines += ["Runs these numbers come from:", ""]
+    runs = {row.claim["ours"]["notebook"]: row.run for row in rows if row.claim["kind"] != "qualitative"}
+    for notebook, run in runs.items():
+        if run is None:
+            lines.append(f"- `{notebook}`: not built (run `python -m vrp_utils.run {notebook}` or `make book`).")
+        else:
+            commit = ((run.get("git") or {}).get("commit") or "?")[:10]
+            lines.append(f"- `{notebook}`: finished {run.get('finished_utc', '?')}, commit `{commit}`, "
+                         f"{run.get('duration_s', '?')} s; parameters overridden: "
+                         f"{', '.join(run.get('overridden') or []) or 'none (defaults)'}.")
+    lines += [
         "",
         "## Two verdicts per claim",
         "",
@@ -605,68 +697,21 @@ def paper_vs_reproduction(rows: list[Row], models: list[str], history: str = "")
         "them: **holds** when at least the claimed number hold, **differs** when so many differ that this number "
         "cannot be reached, **inconclusive** otherwise.",
         "",
-        "## The rules, their reasons and when they were declared",
+        "## When the rules were declared",
+        "",
+        "Each claim's block above gives its rules, their reasons and the dates they were declared, marked "
+        "**after its results** where they were set with the results they judge known.",
         "",
     ]
     if history:
         lines += [history.strip(), ""]
-    lines += [
-        "| claim | direction rule | size rule | verdicts read | rules declared |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        c = row.claim
-        lines.append(f"| {_cell(c['id'])} | {_cell(_rule(c))} | {_cell(_size_rule(c))} | {_cell(_verdict_scope(c))} "
-                     f"| {_cell(_declared(c))} |")
-    lines += ["", "Why each margin, and each rule's history:", ""]
-    for row in rows:
-        whys = _whys(row.claim)
-        if whys:
-            lines.append(f"- **{row.claim['id']}**: " + " ".join(w.rstrip(".") + "." for w in whys))
-    lines += [
-        "",
-        "## The table",
-        "",
-        "In each cell: our value [95% CI], n; the direction verdict; where the row's verdicts read the cell, its "
-        "size verdict.",
-        "",
-        "| # | claim | paper | " + " | ".join(f"ours: {m}" for m in models) + " | ours: pooled | where ours comes from "
-        "| what differs | direction | size |",
-        "|---|---|---|" + "---|" * len(models) + "---|---|---|---|---|",
-    ]
-    for row in rows:
-        claim = row.claim
-        if claim["kind"] == "qualitative":
-            cells = [_cell(claim.get("ours_text", "not tested"))] * (len(models) + 1)
-            source = "\u2014"
-        else:
-            cells = [format_cell(row.cells.get(m), claim, row.built) for m in models]
-            if claim["ours"].get("pooled") is None:
-                cells.append("not computed" if row.built else NOT_BUILT)
-            else:
-                cells.append(format_cell(row.cells.get(POOLED), claim, row.built))
-            ours = claim["ours"]
-            source = f"`{ours['notebook']}`: {ours.get('description', ours['key'])}"
-        paper = _paper(claim) + (f"; {_compared(claim)}" if _compared(claim) else "")
-        lines.append(f"| {_cell(claim['id'])} | {_cell(claim['claim'])} | {_cell(paper)} | "
-                     + " | ".join(_cell(c) for c in cells)
-                     + f" | {_cell(source)} | {_cell(claim['differs'])} | {_cell(_direction_text(row))} | **{row.size}** |")
-    lines += ["", "Runs these numbers come from:", ""]
-    runs = {row.claim["ours"]["notebook"]: row.run for row in rows if row.claim["kind"] != "qualitative"}
-    for notebook, run in runs.items():
-        if run is None:
-            lines.append(f"- `{notebook}`: not built (run `python -m vrp_utils.run {notebook}` or `make book`).")
-        else:
-            commit = ((run.get("git") or {}).get("commit") or "?")[:10]
-            lines.append(f"- `{notebook}`: finished {run.get('finished_utc', '?')}, commit `{commit}`, "
-                         f"{run.get('duration_s', '?')} s; parameters overridden: "
-                         f"{', '.join(run.get('overridden') or []) or 'none (defaults)'}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def findings(rows: list[Row], models: list[str]) -> str:
+def findings(rows: list[Row], models: list[str], weak: Any = None) -> str:
     """The introduction's findings: each claim marked ``finding`` in claims.yml, as this build measured it, with
-    both verdicts (and the within-label caveat where there is one)."""
+    both verdicts (and the within-label caveat where there is one); a weak model is badged, and a note under the
+    list says why (``weak``: :func:`weak_models_of`)."""
     by_finding: dict[int, list[Row]] = {}
     for row in rows:
         if row.claim.get("finding") is not None:
@@ -681,13 +726,17 @@ def findings(rows: list[Row], models: list[str]) -> str:
             else:
                 shown = [(POOLED, row.cells.get(POOLED))] if claim["ours"].get("pooled") is not None and POOLED in row.cells else []
                 shown += [(m, row.cells.get(m)) for m in models if m in row.cells]
-                ours = "; ".join(f"{name} {format_cell(cell, claim, True, with_verdict=False)}" for name, cell in shown) \
+                ours = "; ".join(f"{weak.label(name) if weak is not None and name != POOLED else name} "
+                                 f"{format_cell(cell, claim, True, with_verdict=False)}" for name, cell in shown) \
                     or f"{MISSING}: no row of this run matches its selector"
             flagged = within_label_flagged(claim, row.within) if row.verdict == HOLDS else []
             caveat = f"; but not cleanly within label: {', '.join(flagged)}" if flagged else ""
             parts.append(f"{claim['finding_text']}: the paper reports {_paper(claim)}; this build measured {ours} "
                          f"(direction: **{row.verdict}**{caveat}; size: **{row.size}**).")
         lines.append(f"{number}. " + " ".join(parts))
+    note = weak.sentence() if weak is not None else ""
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -720,6 +769,17 @@ def costs(records: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def weak_models_of(records: dict[str, dict]):
+    """The weak models (:mod:`vrp_utils.flags`) by chapter 00's published accuracies and shortcut baselines; None
+    where chapter 00 has not run (nothing to judge by)."""
+    from vrp_utils.flags import weak_from_results
+
+    results = (records.get("00_benchmark_and_zoo") or {}).get("results") or {}
+    if not results.get("zoo_accuracy") or not results.get("baselines"):
+        return None
+    return weak_from_results(results["zoo_accuracy"], results["baselines"])
+
+
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != text:
@@ -733,13 +793,14 @@ def write_pages(results_dir: Path = RESULTS_DIR, out_dir: Path = GENERATED_DIR, 
     claims = load_claims(claims_file)
     records = load_results(results_dir)
     rows = evaluate(claims, records)
+    weak = weak_models_of(records)
     models = claims["models"] or sorted({m for r in rows for m in r.cells if m != POOLED})
     for row in rows:
         if row.built and not row.cells:
             print(f"warning: claim {row.claim['id']}: {row.claim['ours']['notebook']} is built but no result matches "
                   f"its selector in {claims_file.name}", file=sys.stderr)
     return [
-        _write(out_dir / "paper_vs_reproduction.md", paper_vs_reproduction(rows, models, claims.get("history", ""))),
-        _write(out_dir / "findings.md", findings(rows, models)),
+        _write(out_dir / "paper_vs_reproduction.md", paper_vs_reproduction(rows, models, claims.get("history", ""), weak)),
+        _write(out_dir / "findings.md", findings(rows, models, weak)),
         _write(out_dir / "costs.md", costs(records)),
     ]

@@ -71,10 +71,15 @@ def set_style() -> None:
     })
 
 
-def caption(notebook: str, model: str, split: str, n: int, extra: str = "") -> str:
-    """The line every figure carries: which notebook, model, split and n made it."""
+def caption(notebook: str, model: str, split: str, n: int, extra: str = "", *, weak: Any = None) -> str:
+    """The line every figure carries: which notebook, model, split and n made it. ``weak``
+    (:func:`vrp_utils.flags.weak_models`) adds a warning naming each weak model the caption's ``model`` names."""
     text = f"{notebook} · model: {model} · split: {split} · n = {n:,}"
-    return f"{text} · {extra}" if extra else text
+    text = f"{text} · {extra}" if extra else text
+    named = [m for m in (weak.reasons if weak else ()) if m in model]
+    if named:
+        text += " · \u26a0 weak model: " + ", ".join(f"{m} ({weak.reasons[m][0]})" for m in named)
+    return text
 
 
 def wrap(text: str, width: float = TEXT_WIDTH_IN, size: float = FONT_PT) -> str:

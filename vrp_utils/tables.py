@@ -222,14 +222,22 @@ def write_csv(frame: pd.DataFrame, chapter: str, name: str, directory: Path | No
     return path
 
 
-def show(frame: pd.DataFrame, name: str, columns: Mapping[str, str], **options) -> None:
-    """Display ``frame`` as a table a person reads and write its full rows to this chapter's CSV (see the module)."""
+def show(frame: pd.DataFrame, name: str, columns: Mapping[str, str], weak=None, **options) -> None:
+    """Display ``frame`` as a table a person reads and write its full rows to this chapter's CSV (see the module).
+
+    ``weak``: the chapter's :func:`vrp_utils.flags.weak_models`; a note on each weak model the table shows goes
+    under it.
+    """
     from IPython.display import Markdown, display
 
     chapter = os.environ.get("VRP_NOTEBOOK", "notebook")
     path = write_csv(frame, chapter, name)
     table, captions = format_table(frame, columns, **options)
     display(Markdown(to_markdown(table, captions, f"tables/{path.name}", len(frame))))
+    if weak is not None:
+        from vrp_utils.flags import footnote
+
+        footnote(weak, sorted(set(frame["model"].astype(str))) if "model" in frame else None)
 
 
 #: Headers of the columns that many chapters' frames share (source column -> header with its unit).
