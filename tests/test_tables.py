@@ -99,3 +99,12 @@ def test_headers_mix_shared_names_and_declared_pairs():
     assert tables.headers("model", ("value", "AUROC [95% CI]"), "n") == {"model": "model", "value": "AUROC [95% CI]", "n": "n (inputs)"}
     with pytest.raises(KeyError):
         tables.headers("no_such_column")
+
+
+def test_whole_numbers_in_an_object_column_print_as_integers():
+    """A layer column holds None on the controls' rows, so pandas keeps it as objects: still "1", not "1.0"."""
+    frame = pd.DataFrame({"model": ["a", "b", "c"], "layer": pd.Series([0.0, None, 1.0], dtype=object),
+                          "mixed": pd.Series([1.0, "x", 2.0], dtype=object)})
+    table, _ = tables.format_table(frame, {"model": "model", "layer": "layer", "mixed": "mixed"})
+    assert table["layer"].tolist() == ["0", tables.MISSING, "1"]
+    assert table["mixed"].tolist() == ["1.0", "x", "2.0"]

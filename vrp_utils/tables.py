@@ -98,12 +98,12 @@ def format_estimate(value, low, high, spec: Estimate) -> str:
 
 
 def _integral(column: pd.Series) -> bool:
+    """Whole numbers only, also in an object column (a layer column holds None on the controls' rows)."""
     values = column.dropna()
-    if values.empty or values.dtype == bool:
+    if values.empty or values.dtype == bool or any(isinstance(v, (bool, np.bool_, str)) for v in values):
         return False
-    if not pd.api.types.is_numeric_dtype(values):
-        return False
-    return bool(np.all(np.isfinite(values.astype(float))) and np.all(values.astype(float) == np.round(values.astype(float))))
+    numbers = pd.to_numeric(values, errors="coerce")
+    return bool(numbers.notna().all() and np.isfinite(numbers).all() and (numbers == numbers.round()).all())
 
 
 def _format_column(column: pd.Series, source: str, digits: int) -> list[str]:
