@@ -166,7 +166,10 @@ def test_pages_from_fake_results(tmp_path):
         "| zoo-a | not built |", "| zoo-b | not built |", "| pooled | not built |"]  # 2 models and pooled, folded
     assert "inside 0 \u00b1 0.1" in page  # the declared margin is on the page
     findings = (out / "findings.md").read_text()
-    assert findings.startswith("1. Concentration: the paper reports R_pb = 0.001")
+    glance = findings.split("```{dropdown}")[0].splitlines()  # the findings at a glance: one row per claim, both verdicts
+    assert glance[0] == "| finding | claim | paper | this build [95% CI] | direction | size |"
+    assert glance[2].startswith("| 1 |") and glance[2].endswith("| **holds** | **n/a** |")
+    assert "\n1. Concentration: the paper reports R_pb = 0.001" in findings  # in full, folded under the table
     assert "pooled 0.004 [\u22120.028, 0.036], n = 5,175" in findings and "`02_masking` is **not built**" in findings
     costs = (out / "costs.md").read_text()
     assert "| 01_attention | none | 548.4 | 522.4 |" in costs

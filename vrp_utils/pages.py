@@ -716,7 +716,13 @@ def findings(rows: list[Row], models: list[str], weak: Any = None) -> str:
     for row in rows:
         if row.claim.get("finding") is not None:
             by_finding.setdefault(int(row.claim["finding"]), []).append(row)
-    lines = []
+    lines = ["| finding | claim | paper | this build [95% CI] | direction | size |", "|---|---|---|---|---|---|"]
+    for number in sorted(by_finding):
+        for row in by_finding[number]:
+            paper = row.claim["paper"]
+            lines.append(f"| {number} | {_cell(row.claim['label'])} | {_cell(str(paper.get('value', '')))} | "
+                         f"{_cell(_ours_short(row, models, weak))} | {_cell(_direction_short(row))} | **{row.size}** |")
+    lines += ["", "```{dropdown} The four findings in full: every model, n and the paper's source", ""]
     for number in sorted(by_finding):
         parts = []
         for row in by_finding[number]:
@@ -734,6 +740,7 @@ def findings(rows: list[Row], models: list[str], weak: Any = None) -> str:
             parts.append(f"{claim['finding_text']}: the paper reports {_paper(claim)}; this build measured {ours} "
                          f"(direction: **{row.verdict}**{caveat}; size: **{row.size}**).")
         lines.append(f"{number}. " + " ".join(parts))
+    lines.append("```")
     note = weak.sentence() if weak is not None else ""
     if note:
         lines += ["", note]
