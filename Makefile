@@ -16,7 +16,7 @@ PKG_SRC := $(shell find vrp_utils -name '*.py' 2>/dev/null)
 DATA_SRC := $(wildcard vrp_utils/data/*.py)
 NOTEBOOKS := $(wildcard notebooks/*.md)
 EXECUTED := $(patsubst notebooks/%.md,book/generated/%.ipynb,$(NOTEBOOKS))
-BOOK_PAGES := $(wildcard book/*.md) _config.yml _toc.yml
+BOOK_PAGES := $(wildcard book/*.md) $(wildcard _static/*.css) _config.yml _toc.yml
 
 BENCHMARK := data/benchmark/manifest.json
 # The released zoo (committed, checked against its sha256 manifest before any step reads it); `make zoo` retrains.

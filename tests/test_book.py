@@ -592,3 +592,43 @@ def test_every_chapter_declares_the_inputs_it_read(name):
     assert re.search(r"^publish_inputs\((\*\*declared_inputs\(|\n\s+data=)", source, re.MULTILINE), \
         f"{name}: declares no inputs (the status page would say 'not declared by this notebook')"
     assert "models=" in source or "declared_inputs(" in source, f"{name}: declares no models"
+
+
+# -- Code that fits the column ----------------------------------------------------------------------
+
+_MEASURE_CODE = """<script>window.addEventListener('load', () => {
+  const article = document.querySelector('article') || document.querySelector('main') || document.body;
+  const wide = [...article.querySelectorAll('pre')].filter((pre) => pre.scrollWidth > pre.clientWidth + 1)
+    .map((pre) => pre.innerText.split('\\n').sort((a, b) => b.length - a.length)[0].slice(0, 80));
+  const out = document.createElement('pre'); out.id = 'vrp-code-fit'; out.style.whiteSpace = 'pre';
+  out.textContent = JSON.stringify(wide); document.body.appendChild(out);
+});</script>"""
+
+
+def _code_cut_off(page: Path, tmp_path: Path, html: str | None = None) -> list[str]:
+    """The longest line of each code block on ``page`` (at 1400 px) that runs past its box instead of wrapping."""
+    probe = page.with_name(f".code-{page.name}")
+    try:
+        probe.write_text((html if html is not None else page.read_text()).replace("</body>", _MEASURE_CODE + "</body>"))
+        dom, _ = _browse(probe, tmp_path, "--dump-dom", "--window-size=1400,2000")
+    finally:
+        probe.unlink(missing_ok=True)
+    found = re.search(r'<pre id="vrp-code-fit"[^>]*>(.*?)</pre>', dom, re.DOTALL)
+    assert found, f"{page.name}: the measuring script did not run"
+    from html import unescape
+
+    return json.loads(unescape(found.group(1)))
+
+
+@pytest.mark.built
+def test_code_wraps_at_the_column_instead_of_running_off_it(tmp_path):
+    """At 1400 px no code block of a chapter (the parameter cells carry long comments) runs past the column: the
+    book's stylesheet wraps it. The check fails on the same page without that stylesheet."""
+    pages = sorted((HTML / "book" / "generated").glob("0*.html"))
+    assert len(pages) == 6
+    for page in pages:
+        assert _code_cut_off(page, tmp_path) == [], page.name
+    page = pages[1]
+    unstyled = re.sub(r'<link[^>]+vrp\.css[^>]*>', "", page.read_text())
+    assert unstyled != page.read_text(), "the book's stylesheet is not linked"
+    assert _code_cut_off(page, tmp_path, unstyled), "the check cannot fail"

@@ -308,6 +308,11 @@ def build(root: Path = REPO_ROOT) -> Path:
         raise BookBuildError(f"vendored MathJax missing at {MATHJAX_ENTRY}: run `make mathjax`")
     check_toc(root)
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--warningiserror", "--keep-going", "--quiet"]
+    # Sphinx copies _static/ only when some page is out of date: a changed stylesheet alone needs every page rebuilt.
+    built_static = root / "_build" / "html" / "_static"
+    if any(not (built_static / css.name).is_file() or css.read_bytes() != (built_static / css.name).read_bytes()
+           for css in (root / "_static").glob("*.css")):
+        command.append("--all")
     completed = subprocess.run(command, cwd=root)
     if completed.returncode != 0:
         raise BookBuildError(f"jupyter-book build failed (exit {completed.returncode}); see the warnings above")
