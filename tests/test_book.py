@@ -478,13 +478,19 @@ def _measure_tables(page: Path, tmp_path: Path) -> list[dict]:
       const out = document.createElement('pre'); out.id = 'vrp-table-fit';
       out.textContent = JSON.stringify(rows); document.body.appendChild(out);
     });</script>"""
-    probe = page.with_name(f".fit-{page.name}")
+    return _measure_in_page(page, tmp_path, script, "vrp-table-fit")
+
+
+def _measure_in_page(page: Path, tmp_path: Path, script: str, out_id: str, html: str | None = None):
+    """Run ``script`` in ``page`` (or in ``html`` served from the page's place, so its links resolve) at 1400 px; the
+    script leaves its JSON in ``<pre id=out_id>``, returned decoded."""
+    probe = page.with_name(f".{out_id}-{page.name}")
     try:
-        probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+        probe.write_text((html if html is not None else page.read_text()).replace("</body>", script + "</body>"))
         dom, _ = _browse(probe, tmp_path, "--dump-dom", "--window-size=1400,2000")
     finally:
         probe.unlink(missing_ok=True)
-    found = re.search(r'<pre id="vrp-table-fit"[^>]*>(.*?)</pre>', dom, re.DOTALL)
+    found = re.search(rf'<pre id="{out_id}"[^>]*>(.*?)</pre>', dom, re.DOTALL)
     assert found, f"{page.name}: the measuring script did not run"
     from html import unescape
 
@@ -607,17 +613,7 @@ _MEASURE_CODE = """<script>window.addEventListener('load', () => {
 
 def _code_cut_off(page: Path, tmp_path: Path, html: str | None = None) -> list[str]:
     """The longest line of each code block on ``page`` (at 1400 px) that runs past its box instead of wrapping."""
-    probe = page.with_name(f".code-{page.name}")
-    try:
-        probe.write_text((html if html is not None else page.read_text()).replace("</body>", _MEASURE_CODE + "</body>"))
-        dom, _ = _browse(probe, tmp_path, "--dump-dom", "--window-size=1400,2000")
-    finally:
-        probe.unlink(missing_ok=True)
-    found = re.search(r'<pre id="vrp-code-fit"[^>]*>(.*?)</pre>', dom, re.DOTALL)
-    assert found, f"{page.name}: the measuring script did not run"
-    from html import unescape
-
-    return json.loads(unescape(found.group(1)))
+    return _measure_in_page(page, tmp_path, _MEASURE_CODE, "vrp-code-fit", html)
 
 
 @pytest.mark.built
