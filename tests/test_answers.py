@@ -160,6 +160,14 @@ def test_probe_answer_weighs_the_probe_against_chance_the_free_rival_and_the_twi
     assert "for all 2; it beats the probe for 0 of 2" in both and "knows more about correctness" in both
     chance = answers.probes(probe_results(probe_b=(0.52, 0.48, 0.56)))
     assert "excludes chance (0.5) for 1 of 2 models" in chance
+    deep = probe_results()
+    deep["reliability_layer"] = {"m-a": {"layer": 4, "n_layers": 8, "relative_depth": 5 / 8},
+                                 "m-b": {"layer": 1, "n_layers": 2, "relative_depth": 1.0}}
+    located = answers.probes(deep)
+    assert "is m-a layer 4 of 8 (relative depth 0.62); m-b layer 1 of 2 (relative depth 1.00)" in located
+    assert "does not locate reliability in depth" in located  # m-b has 2 layers
+    deep["reliability_layer"]["m-b"] = {"layer": 3, "n_layers": 6, "relative_depth": 4 / 6}
+    assert "does not locate" not in answers.probes(deep)
     bare = probe_results()
     del bare["probe_vs_control"]
     assert "No paired comparison with the controls" in answers.probes(bare)

@@ -388,3 +388,45 @@ def test_control_comparisons_are_paired_on_the_probes_folds():
         np.mean([roc_auc_score(y, P.cross_validated(hidden, y, groups, "l1", folds=4, seed=s).scores) for s in (0, 1)])
         - roc_auc_score(y, margin), abs=1e-12)
     assert (table["ci_low"] <= table["value"]).all() and (table["value"] <= table["ci_high"]).all()
+
+
+def _layered_features(n: int = 240, layers: int = 4):
+    """Constructed features whose hidden state carries correctness more strongly with depth (a signal of SD 1 at
+    the last layer, none at the first), 40 images of 6 inputs."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    correct = rng.random(n) < 0.7
+    distinct = pd.DataFrame({"distinct_id": np.arange(n), "array_index": np.arange(n), "correct": correct,
+                             "image_file": [f"img{i // 6}.png" for i in range(n)]})
+    strength = np.linspace(0.0, 1.0, layers)
+    hidden = np.stack([np.column_stack([k * correct + rng.normal(0, 1.0, n), rng.normal(size=(n, 4))]) for k in strength], axis=1)
+    store = SimpleNamespace(hidden=lambda layer, position: hidden if layer is None else hidden[:, layer])
+    return SimpleNamespace(distinct=distinct, store=store, model="constructed"), hidden, correct
+
+
+def test_layer_differences_are_paired_against_the_best_layer():
+    from sklearn.metrics import roc_auc_score
+
+    features, hidden, y = _layered_features()
+    table = P.layer_differences(features, 3, folds=4, seeds=2, n_boot=50).set_index("layer")
+    assert list(table.index) == [0, 1, 2, 3] and table.loc[3, "value"] == 0.0 and pd.isna(table.loc[3, "ci_low"])
+    groups = features.distinct["image_file"].to_numpy()
+    for layer in (0, 2):
+        expected = np.mean([roc_auc_score(y, P.cross_validated(hidden[:, layer], y, groups, "l1", folds=4, seed=s).scores)
+                            - roc_auc_score(y, P.cross_validated(hidden[:, 3], y, groups, "l1", folds=4, seed=s).scores)
+                            for s in (0, 1)])
+        assert table.loc[layer, "value"] == pytest.approx(expected, abs=1e-12)
+    assert table.loc[0, "ci_high"] < 0  # no signal at the first layer: shown worse than the best
+
+
+def test_reliability_layer_is_the_first_layer_not_shown_worse_than_the_best():
+    rows = pd.DataFrame({"layer": [0, 1, 2, 3, 4], "best_layer": 4, "value": [-0.2, -0.05, -0.01, 0.004, 0.0],
+                         "ci_low": [-0.25, -0.08, -0.03, -0.01, None], "ci_high": [-0.15, -0.02, 0.01, 0.02, None]})
+    found = P.reliability_layer(rows, n_layers=8)
+    assert (found["layer"], found["relative_depth"], found["best_layer"]) == (2, 3 / 8, 4)
+    assert found["ci_high"] == 0.01 and found["rule"] == P.RELIABILITY_RULE
+    only_best = P.reliability_layer(rows.assign(ci_high=[-0.1, -0.1, -0.1, -0.1, None]), n_layers=5)
+    assert only_best["layer"] == 4 and only_best["relative_depth"] == 1.0
+    with pytest.raises(ValueError, match="no layer differences"):
+        P.reliability_layer(pd.DataFrame(), n_layers=2)

@@ -285,6 +285,14 @@ def probes(results: dict) -> str:
         text += (f"; the same probe on an untrained twin's hidden states is beaten (paired) for {_count(beats_twin, compared)}. ")
     else:
         text += "No paired comparison with the controls was published in this run. "
+    where = {m: r for m, r in (results.get("reliability_layer") or {}).items() if m in models}
+    if where:
+        shallow = min(r["n_layers"] for r in where.values()) < 6
+        text += ("The reliability layer (the first layer whose probe is not worse than the best layer's, by the paired "
+                 "difference) is " + "; ".join(f"{m} layer {r['layer']} of {r['n_layers']} (relative depth "
+                                               f"{r['relative_depth']:.2f})" for m, r in where.items())
+                 + " (the paper: 21/32, 10/18 and 18/28)"
+                 + (", which with so few layers does not locate reliability in depth. " if shallow else ". "))
     top = [r for r in _rows(results, "ablation", condition="top", scope="balanced", subset="all") if _finite(r.get("value"))]
     if top:
         costly = [r for r in top if _excludes(r, 0.0) and r["value"] < 0]

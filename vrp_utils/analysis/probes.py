@@ -462,6 +462,63 @@ def peak_layer(summary_table: pd.DataFrame, model: str, probe: str = "l1", posit
     return int(rows.loc[rows["value"].astype(float).idxmax(), "layer"])
 
 
+def layer_differences(features, best: int, *, position: str = "last_prompt", kind: str = "l1", folds: int = 5,
+                      seeds: int = 2, seed: int = 0, n_boot: int = 1000, layers: Sequence[int] | None = None) -> pd.DataFrame:
+    """Each layer's probe AUROC minus the ``best`` layer's, on the same inputs, folds and CV seeds (paired).
+
+    One row per layer: the mean over CV seeds of the paired difference (``stats.auroc_difference``), the seeds'
+    95% bounds averaged and the largest of their p-values. The best layer's own row is 0 with no interval.
+    """
+    distinct = features.distinct
+    y = distinct["correct"].to_numpy(bool)
+    groups = distinct["image_file"].to_numpy()
+    layers = range(features.store.hidden(None, position).shape[1]) if layers is None else layers
+    if cv_problem(y, groups, folds) is not None:
+        return pd.DataFrame()
+    rows = []
+    for s in range(seed, seed + seeds):
+        reference = cross_validated(hidden_matrix(features.store, distinct, best, position), y, groups, kind, folds=folds, seed=s).scores
+        for layer in layers:
+            if layer == best:
+                continue
+            scores = cross_validated(hidden_matrix(features.store, distinct, layer, position), y, groups, kind, folds=folds, seed=s).scores
+            rows.append({"layer": int(layer), "cv_seed": s,
+                         **_estimate_row(auroc_difference(scores, reference, y, groups, n_boot=n_boot, seed=s))})
+    frame = pd.DataFrame.from_records(rows)
+    out = [{"model": features.model, "layer": int(best), "best_layer": int(best), "position": position, "probe": kind,
+            "value": 0.0, "ci_low": None, "ci_high": None, "p_value": None, "seeds": seeds, "n": len(y),
+            "n_groups": len(set(groups.tolist()))}]
+    for layer, part in (frame.groupby("layer", sort=True) if len(frame) else []):
+        out.append({"model": features.model, "layer": int(layer), "best_layer": int(best), "position": position, "probe": kind,
+                    "value": part["value"].mean(), "ci_low": part["ci_low"].mean(), "ci_high": part["ci_high"].mean(),
+                    "p_value": part["p_value"].max(), "seeds": len(part), "n": int(part["n"].iloc[0]),
+                    "n_groups": int(part["n_groups"].iloc[0])})
+    return pd.DataFrame.from_records(out).sort_values("layer", ignore_index=True).assign(
+        method="layer's probe AUROC minus the best layer's, same inputs, folds and CV seeds (stats.auroc_difference, "
+               "paired cluster bootstrap over images); mean over CV seeds, the seeds' 95% bounds averaged, p: the largest")
+
+
+#: Declared before any zoo with depth was trained (issue 24): where reliability "lives" is the shallowest layer whose
+#: probe is not shown worse than the best layer's, by the paired difference (not by overlapping intervals).
+RELIABILITY_RULE = ("the first layer (from the input) whose paired AUROC difference from the best layer's probe has a "
+                    "95% CI that includes 0; relative depth = (layer + 1) / number of layers")
+
+
+def reliability_layer(differences: pd.DataFrame, n_layers: int) -> dict:
+    """The reliability layer of one model from its :func:`layer_differences` rows, by :data:`RELIABILITY_RULE`."""
+    if differences.empty:
+        raise ValueError("no layer differences: the probes were not fitted for this model")
+    ordered = differences.sort_values("layer")
+    for row in ordered.itertuples():
+        not_worse = row.layer == row.best_layer or (pd.notna(row.ci_high) and row.ci_high >= 0)
+        if not_worse:
+            return {"layer": int(row.layer), "relative_depth": (int(row.layer) + 1) / n_layers, "n_layers": int(n_layers),
+                    "best_layer": int(row.best_layer), "difference": float(row.value),
+                    "ci_low": None if pd.isna(row.ci_low) else float(row.ci_low),
+                    "ci_high": None if pd.isna(row.ci_high) else float(row.ci_high), "rule": RELIABILITY_RULE}
+    raise AssertionError("unreachable: the best layer always qualifies")
+
+
 # --------------------------------------------------------------------------------------------------
 # Leakage test
 # --------------------------------------------------------------------------------------------------
