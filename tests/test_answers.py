@@ -16,7 +16,6 @@ import copy
 import json
 import re
 import textwrap
-from pathlib import Path
 
 import pytest
 

@@ -17,7 +17,6 @@ its unit), and gets
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass

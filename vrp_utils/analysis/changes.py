@@ -19,15 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 
 from vrp_utils.analysis.stats import balanced_accuracy_change, balanced_mean, mean_estimate, paired_accuracy_change
 
 #: Label subsets of the per-setting and distinct scopes (the balanced scope is over both labels by definition).
 SUBSETS = ("all", "positive", "negative")
-#: Scopes besides the settings, in the order the tables show them.
-DISTINCT_SCOPES = ("balanced", "distinct")
 
 
 def _joined(table: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:

@@ -15,7 +15,7 @@ masking pass (:mod:`vrp_utils.analysis.masking`), so they are what the model rec
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

@@ -223,12 +223,12 @@ def sweep(features: dict, conditions: Sequence[str], fractions: Sequence[float],
         passes[(f.model, condition, fraction)] = masked
         for row in accuracy_changes(f, masked, settings, n_boot, seed):
             rows.append({"model": f.model, "condition": condition, "fraction": fraction, **row})
+    tables = {f.model: f.table for f in features.values()}
     differences = []
-    for f in features.values():
-        for (model, condition, fraction), masked in passes.items():
-            control = passes.get((model, "random", fraction))
-            if model != f.model or condition not in ("top", "bottom") or control is None:
-                continue
+    for (model, condition, fraction), masked in passes.items():
+        control = passes.get((model, "random", fraction))
+        if condition in ("top", "bottom") and control is not None:
             differences.append({"model": model, "condition": condition, "versus": "random", "fraction": fraction,
-                                **changes.condition_difference(f.table, _after(masked), _after(control), n_boot=n_boot, seed=seed)})
+                                **changes.condition_difference(tables[model], _after(masked), _after(control), n_boot=n_boot,
+                                                               seed=seed)})
     return pd.DataFrame.from_records(rows), pd.DataFrame.from_records(differences)

@@ -697,7 +697,7 @@ def balanced_accuracy_change(
         details[f"p_mcnemar_{side}"] = float(mcnemar(table, exact=True).pvalue) if keep.any() else None
         details[f"accuracy_before_{side}"] = float(b[keep].mean()) if keep.any() else None
         details[f"accuracy_after_{side}"] = float(a[keep].mean()) if keep.any() else None
-    for name, v in (("accuracy_before", b), ("accuracy_after", a)):
+    for name in ("accuracy_before", "accuracy_after"):
         sides = [details[f"{name}_yes"], details[f"{name}_no"]]
         details[name] = 0.5 * (sides[0] + sides[1]) if None not in sides else None
     method = estimate.method.replace("label-balanced mean", "label-balanced accuracy change (after - before)")
