@@ -99,6 +99,45 @@ def test_the_attention_margin_is_the_one_declared_for_claim_1():
     assert f"inside \u00b1{declared:g}" in answers.answer("01_attention", attention_results())
 
 
+def depth_results(n_layers=6, peak=(2, 1, 4), gap=(0.03, 0.01, 0.05), change=(-0.5, -0.6, -0.4)):
+    results = attention_results()
+    last = n_layers - 1
+    results["entropy_first_to_last"] = [
+        est(*change, model="pooled", scope="pooled", quantity="delta_entropy_mean", span="first_to_last", from_layer=0,
+            to_layer=last),
+        est(0.02, -0.01, 0.05, model="pooled", scope="pooled", quantity="delta_entropy_rpb", span="first_to_last",
+            from_layer=0, to_layer=last),
+        est(*change, model="m-a", scope="distinct", quantity="delta_entropy_mean", span="first_to_last", from_layer=0,
+            to_layer=last),
+        est(-9.0, -9.5, -8.5, model="m-a", scope="random", quantity="delta_entropy_mean", span="first_to_last",
+            from_layer=0, to_layer=last)]  # one setting's row: not quoted
+    results["inbox_peak_layer"] = [
+        est(*peak, model="m-a", scope="distinct", outcome="all", quantity="peak_layer", layers=n_layers),
+        est(*gap, model="m-a", scope="distinct", outcome="all", quantity="peak_minus_last", layers=n_layers),
+        est(0, 0, 0, model="m-a", scope="distinct", outcome="wrong", quantity="peak_layer", layers=n_layers)]
+    return results
+
+
+def test_attention_answer_names_the_first_to_last_change_and_the_in_box_peak():
+    text = answers.attention(depth_results(), margin=0.1)
+    assert ("From the first layer to the last, H_s changes by (paired: each input at both layers) -0.500 [-0.600, -0.400] "
+            "nats pooled (falls; excludes 0)") in text
+    assert "per model m-a -0.500 [-0.600, -0.400]" in text and "-9.000" not in text
+    assert "the change's R_pb with correctness is +0.020 [-0.010, +0.050] pooled (includes 0)" in text
+    assert ("peaks at m-a layer 2 [1, 4] of 0-5 (above the last layer, paired difference +0.030 [+0.010, +0.050])"
+            in text)
+    assert "no trend" not in text  # six layers: no two-layer caveat
+    # The peak is compared with the last layer only through the paired difference's interval.
+    close = answers.attention(depth_results(gap=(0.03, 0.0, 0.05), change=(0.1, -0.05, 0.2)), margin=0.1)
+    assert "not distinguishable from the last layer, paired difference +0.030 [+0.000, +0.050]" in close
+    assert "+0.100 [-0.050, +0.200] nats pooled (includes 0)" in close
+    assert comparisons_without_a_paired_test(close) == []
+    shallow = answers.attention(depth_results(n_layers=2, peak=(1, 1, 1), gap=(0.0, 0.0, 0.0)), margin=0.1)
+    assert "layer 1 [1, 1] of 0-1 (the last layer)" in shallow
+    assert "With fewer than 3 layers (m-a (2)), that is one step of depth, from which no trend" in shallow
+    assert "not in this run" in answers.attention(attention_results(), margin=0.1)
+
+
 # -- 02 --------------------------------------------------------------------------------------------
 
 

@@ -162,6 +162,7 @@ def attention(results: dict, margin: float = 0.1) -> str:
     text += (f". {len(significant)} of {len(tests)} tests (per model, setting and pooled; all answers and within one "
              "label) have a Holm-adjusted p < 0.05. ")
     text += _within_labels(results, last, margin)
+    text += _depth(results)
     r2 = [r for r in _rows(results, "explained_variance") if _finite(r.get("value"))]
     if r2:
         values = [r["value"] for r in r2]
@@ -169,6 +170,65 @@ def attention(results: dict, margin: float = 0.1) -> str:
         text += (f"Together, every metric at every layer reaches an out-of-fold McFadden pseudo-R^2 between "
                  f"{min(values):+.3f} and {max(values):+.3f} over the {len(r2)} model x setting fits (the highest upper "
                  f"95% bound: {high['ci_high']:+.3f}, {high['model']} on {high['scope']}).")
+    return text
+
+
+#: Fewer language-model layers than this: one step of depth, read as no trend (as ``attention.DEPTH_FOR_TREND``).
+DEPTH_FOR_TREND = 3
+
+
+def _depth(results: dict) -> str:
+    """What depth shows: ΔH_s from the first layer to the last (a paired change of one input's H_s, judged by its own
+    interval against 0) and the layer where in-box mass peaks, with the paired peak-minus-last difference."""
+    if "entropy_first_to_last" not in results and "inbox_peak_layer" not in results:
+        return "ΔH_s from the first layer to the last and the in-box peak layer are not in this run's results. "
+    parts = []
+    changes = _rows(results, "entropy_first_to_last") if "entropy_first_to_last" in results else []
+    pooled_mean = _one([r for r in changes if r.get("model") == POOLED and r.get("quantity") == "delta_entropy_mean"])
+    pooled_rpb = _one([r for r in changes if r.get("model") == POOLED and r.get("quantity") == "delta_entropy_rpb"])
+    per_model = [r for r in changes if r.get("model") != POOLED and r.get("scope") == "distinct"
+                 and r.get("quantity") == "delta_entropy_mean"]
+    depth = {r["model"]: int(r["to_layer"]) + 1 for r in per_model if _finite(r.get("to_layer"))}
+    if pooled_mean is not None or per_model:
+        text = "From the first layer to the last, H_s changes by (paired: each input at both layers) "
+        if pooled_mean is not None:
+            side = _excludes(pooled_mean, 0.0)
+            word = ("falls" if pooled_mean["value"] < 0 else "rises") + "; excludes 0" if side else "includes 0"
+            text += f"{_ci(pooled_mean, signed=True)} nats pooled ({word})"
+        if per_model:
+            text += ("; " if pooled_mean is not None else "") + "per model " + ", ".join(
+                f"{r['model']} {_ci(r, signed=True)}" for r in per_model)
+        if pooled_rpb is not None:
+            text += (f"; the change's R_pb with correctness is {_ci(pooled_rpb, signed=True)} pooled "
+                     f"({'excludes' if _excludes(pooled_rpb, 0.0) else 'includes'} 0)")
+        parts.append(text)
+    else:
+        parts.append("ΔH_s from the first layer to the last is not in this run's results")
+    peaks = _rows(results, "inbox_peak_layer", outcome="all") if "inbox_peak_layer" in results else []
+    located = []
+    for r in peaks:
+        if r.get("quantity") != "peak_layer" or not _finite(r.get("value")):
+            continue
+        gap = _one([g for g in peaks if g.get("model") == r.get("model") and g.get("quantity") == "peak_minus_last"])
+        bounds = (f"[{int(r['ci_low'])}, {int(r['ci_high'])}]" if _finite(r.get("ci_low")) and _finite(r.get("ci_high"))
+                  else "(no interval)")
+        where = f"layer {int(r['value'])} {bounds} of 0-{int(r['layers']) - 1}"
+        depth.setdefault(r["model"], int(r["layers"]))
+        if gap is None or not _finite(gap.get("value")):
+            located.append(f"{r['model']} {where}")
+        elif int(r["value"]) == int(r["layers"]) - 1:
+            located.append(f"{r['model']} {where} (the last layer)")
+        else:
+            above = _excludes(gap, 0.0)
+            located.append(f"{r['model']} {where} ({'above' if above else 'not distinguishable from'} the last layer, "
+                           f"paired difference {_ci(gap, signed=True)})")
+    parts.append("in-box attention mass (positive questions) peaks at " + "; ".join(located) if located
+                 else "the in-box peak layer is not in this run's results")
+    text = ". ".join(p[0].upper() + p[1:] for p in parts) + ". "
+    shallow = [f"{m} ({n})" for m, n in depth.items() if n < DEPTH_FOR_TREND]
+    if shallow:
+        text += (f"With fewer than {DEPTH_FOR_TREND} layers ({', '.join(shallow)}), that is one step of depth, from which "
+                 "no trend across depth can be read. ")
     return text
 
 
