@@ -114,3 +114,38 @@ def test_differences_from_the_best_free_signal_are_paired_bootstraps_on_the_shar
     # no free signal in the cell: nothing is compared
     none = signals.differences_from_best_free(cell, chosen[2:], aurocs, n_boot=50)
     assert all(r["best_free_signal"] is None and np.isnan(r["auroc_minus_best_free"]) for r in none.values())
+
+
+def test_per_layer_signals_take_their_declared_layer_and_never_read_the_labels(twelve_image_features):
+    """Attention metrics: the mean over every stored layer; logit lens: the first layer; probe: the last (above). Scores
+    of the attention and lens signals are the same with the correctness labels shuffled: no layer (or anything else)
+    is chosen by looking at test data."""
+    from types import SimpleNamespace
+
+    from vrp_utils.analysis.probes import LogitLens
+
+    f = twelve_image_features
+    inputs = signals.ModelInputs(f)
+    d = inputs.distinct
+    rows = d["array_index"].to_numpy()
+    attention = np.asarray(f.store.attention()[rows], dtype=np.float64)  # [n, layers, heads, steps, tokens]
+    layers = attention.shape[1]
+    counts = d["n_image_tokens"].to_numpy()
+    real = np.arange(attention.shape[-1])[None, :] < counts[:, None]
+    step0 = np.where(real[:, None, :], attention[:, :, :, 0, :].mean(axis=2), 0.0)  # [n, layers, tokens]
+    maps = step0 / step0.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(maps > 0, maps * np.log(maps), 0.0).sum(-1)  # [n, layers]
+    raw = signals.REGISTRY["attention_entropy"].raw(inputs)
+    np.testing.assert_allclose(raw, entropy.mean(axis=1), atol=1e-10)
+    for layer in range(layers):  # not one layer's value (the released zoo's layers differ by nats)
+        assert not np.allclose(raw, entropy[:, layer], atol=1e-3)
+    lens = LogitLens(str(f.model_dir))
+    states = f.store.hidden(None, "last_prompt")
+    first = lens.margin(np.asarray(states[rows, 0])) * np.where(d["parsed"].to_numpy() == "yes", 1.0, -1.0)
+    np.testing.assert_allclose(signals.REGISTRY["logit_lens_margin"].raw(inputs), first, atol=1e-6)
+    shuffled = d.copy()
+    shuffled["correct"] = np.random.default_rng(0).permutation(shuffled["correct"].to_numpy())
+    blind = signals.ModelInputs(SimpleNamespace(distinct=shuffled, store=f.store, adapter=f.adapter, model_dir=f.model_dir))
+    for name in [f"attention_{m}" for m in signals.ATTENTION_METRICS] + ["attention_inbox_mass", "logit_lens_margin"]:
+        np.testing.assert_array_equal(signals.REGISTRY[name].raw(blind), signals.REGISTRY[name].raw(inputs))

@@ -10,7 +10,9 @@ module it needs (``requires``): the leaderboard lists it as missing and never fi
 the probe signals once ``vrp_utils/analysis/probes.py`` lands is one entry in :data:`REGISTRY`.
 
 Declared choices: attention metrics are the layer mean of each metric of the step-0 map (chapter 01's
-primary map; no layer is picked after seeing data); answer log-probability and entropy are means over
+primary map, over every layer the store holds); the probe reads the last layer and the logit lens the first
+(both from the store's shape); no layer is picked after seeing data, and the attention and lens scores never
+read the labels (``tests/test_signals.py`` recomputes them at their declared layers and with shuffled labels); answer log-probability and entropy are means over
 the generated tokens (the end token included, as stored); S_SC is at K = 10 from the sample pool of
 chapter 04 (temperature 0.7, top-p 0.9, seed 0); the fusion is a logistic regression on the standardized
 cheap signals (greedy and capture), out of fold over 5 image-grouped folds.
