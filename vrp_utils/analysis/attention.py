@@ -378,7 +378,10 @@ def depth_caveat(layers: dict[str, int]) -> str:
 def every_layer_summary(rpb: pd.DataFrame, metrics: Sequence[str] = EVERY_LAYER_METRICS,
                         margin: float = EVERY_LAYER_MARGIN) -> pd.DataFrame:
     """:data:`EVERY_LAYER_RULE` applied to :func:`point_biserial_table` rows (all questions): one row per model,
-    scope and metric with the largest |R_pb| over layers (``value``, ``layer``, its CI) and ``all_within_margin``."""
+    scope and metric with the largest |R_pb| over layers (``value``, ``layer``, its CI) and ``all_within_margin``.
+
+    The margin is not a column (the rule text, published beside the rows, states it): every float a chapter publishes
+    is a value, a CI bound or a p-value, the quantities ``results/reference/tolerances.yml`` has rules for."""
     rows = []
     part = rpb[(rpb["subset"] == "all") & rpb["metric"].isin(metrics)]
     for (model, scope, metric), group in part.groupby(["model", "scope", "metric"], sort=False):
@@ -388,7 +391,7 @@ def every_layer_summary(rpb: pd.DataFrame, metrics: Sequence[str] = EVERY_LAYER_
         defined = np.isfinite(values) & np.isfinite(low) & np.isfinite(high)
         within = defined & (low >= -margin) & (high <= margin)
         row = {"model": model, "scope": scope, "subset": "all", "metric": metric, "layers": len(group),
-               "n_defined": int(defined.sum()), "n_within_margin": int(within.sum()), "margin": margin,
+               "n_defined": int(defined.sum()), "n_within_margin": int(within.sum()),
                "all_within_margin": None if not defined.all() else bool(within.all())}
         if defined.any():
             best = group.iloc[int(np.nanargmax(np.where(defined, np.abs(values), -np.inf)))]
