@@ -216,6 +216,10 @@ def test_every_layer_summary_takes_the_largest_r_pb_and_needs_every_layer_inside
     assert summary.loc["out", "value"] == 0.08 and summary.loc["out", "all_within_margin"] is False
     assert summary.loc["out", "n_within_margin"] == 2
     assert summary.loc["gap", "all_within_margin"] is None and summary.loc["gap", "n_defined"] == 2
+    # the envelope spans every layer's CI, so it lies inside +-0.1 exactly when every layer does
+    assert summary.loc["in", "envelope"] == {"value": -0.05, "ci_low": -0.09, "ci_high": 0.08, "n": 100}
+    assert summary.loc["out", "envelope"]["ci_high"] == 0.14 and summary.loc["out", "envelope"]["ci_low"] == -0.06
+    assert summary.loc["gap", "envelope"]["value"] is None
 
 
 def test_the_every_layer_margin_is_claim_1s():

@@ -378,7 +378,9 @@ def depth_caveat(layers: dict[str, int]) -> str:
 def every_layer_summary(rpb: pd.DataFrame, metrics: Sequence[str] = EVERY_LAYER_METRICS,
                         margin: float = EVERY_LAYER_MARGIN) -> pd.DataFrame:
     """:data:`EVERY_LAYER_RULE` applied to :func:`point_biserial_table` rows (all questions): one row per model,
-    scope and metric with the largest |R_pb| over layers (``value``, ``layer``, its CI) and ``all_within_margin``.
+    scope and metric with the largest |R_pb| over layers (``value``, ``layer``, its CI), ``all_within_margin``, and
+    ``envelope``: that value with the lowest and highest CI bound over every layer (inside the margin exactly when
+    every layer is).
 
     The margin is not a column (the rule text, published beside the rows, states it): every float a chapter publishes
     is a value, a CI bound or a p-value, the quantities ``results/reference/tolerances.yml`` has rules for."""
@@ -397,9 +399,15 @@ def every_layer_summary(rpb: pd.DataFrame, metrics: Sequence[str] = EVERY_LAYER_
             best = group.iloc[int(np.nanargmax(np.where(defined, np.abs(values), -np.inf)))]
             row.update(layer=int(best["layer"]), value=float(best["value"]), ci_low=float(best["ci_low"]),
                        ci_high=float(best["ci_high"]), n=int(best["n"]), n_groups=int(best["n_groups"]), undefined=None)
+            # every layer's CI at once: inside +-margin exactly when all_within_margin (claim 1d's "no effect" cell)
+            row["envelope"] = ({"value": row["value"], "ci_low": float(low.min()), "ci_high": float(high.max()), "n": row["n"]}
+                               if defined.all() else {"value": None, "ci_low": None, "ci_high": None, "n": row["n"],
+                                                      "undefined": "some layer's R_pb is undefined"})
         else:
             row.update(layer=None, value=None, ci_low=None, ci_high=None, n=int(group["n"].max()),
-                       n_groups=int(group["n_groups"].max()), undefined="no layer's R_pb is defined")
+                       n_groups=int(group["n_groups"].max()), undefined="no layer's R_pb is defined",
+                       envelope={"value": None, "ci_low": None, "ci_high": None, "n": int(group["n"].max()),
+                                 "undefined": "no layer's R_pb is defined"})
         rows.append(row)
     return _whole_numbers(pd.DataFrame.from_records(rows), ["layer"])
 
