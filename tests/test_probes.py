@@ -567,3 +567,29 @@ def test_reliability_layer_ci_refuses_a_bad_best_layer_or_one_class():
         P.reliability_layer_ci(X.T, y, groups, 3)
     with pytest.raises(ValueError, match="one class"):
         P.reliability_layer_ci(X.T, np.ones(len(y), bool), groups, 0)
+
+
+def test_layer_roles_run_a_shared_layer_once():
+    assert P.layer_roles({"reliability": 1, "best": 3}) == {1: "reliability", 3: "best"}
+    assert P.layer_roles({"reliability": 2, "best": 2}) == {2: "reliability and best"}
+    assert P.layer_roles(4) == {4: "chosen"}
+
+
+def test_ablation_sweep_at_the_reliability_and_the_best_layer(tiny_model_dir, tiny_benchmark, tmp_path):
+    """A real tiny model: two roles at two layers give two sets of passes, each row naming its role; one shared
+    layer gives one set whose role names both."""
+    name = "zoo-llava"
+    features = {name: open_features(str(tiny_model_dir(name)), "random", limit=8, root=tmp_path, benchmark_dir=tiny_benchmark,
+                                    progress=False)}
+    table, versus, info = P.ablation_sweep(features, {name: {"reliability": 0, "best": 1}}, "2", 1, n_boot=50, progress=False)
+    balanced = table[table["scope"] == "balanced"]
+    assert set(zip(balanced["layer"], balanced["layer_role"])) == {(0, "reliability"), (1, "best")}
+    assert len(balanced) == info[name]["passes"] == 4  # top-2 and random-2 at each layer
+    assert set(info[name]["layers"]) == {"reliability", "best"} and info[name]["layers"]["best"]["layer"] == 1
+    assert set(zip(versus["layer"], versus["layer_role"])) == {(0, "reliability"), (1, "best")}
+    shared, versus, info = P.ablation_sweep(features, {name: {"reliability": 1, "best": 1}}, "2", 1, n_boot=50, progress=False)
+    rows = shared[shared["scope"] == "balanced"]
+    assert set(rows["layer_role"]) == {"reliability and best"} and len(rows) == info[name]["passes"] == 2
+    # the shared layer's rows are the "best" rows of the two-layer sweep (the same stores, read again)
+    pd.testing.assert_frame_equal(rows.drop(columns="layer_role").reset_index(drop=True),
+                                  balanced[balanced["layer"] == 1].drop(columns="layer_role").reset_index(drop=True))

@@ -923,14 +923,26 @@ def _ablation_pass(model_dir: str, dataset, settings, root, layer: int, plan: di
                            device=device, dtype=dtype).path
 
 
-def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str | Sequence, draws: int = 1, *,
-                   position: str = "last_prompt", seed: int = 0, n_boot: int = 1000, progress: bool = True,
+def layer_roles(roles: int | Mapping[str, int]) -> dict[int, str]:
+    """``{"reliability": 3, "best": 5}`` -> ``{3: "reliability", 5: "best"}``: each layer once, its roles joined
+    (``{"reliability": 5, "best": 5}`` -> ``{5: "reliability and best"}``); a plain layer is role ``chosen``."""
+    roles = {"chosen": roles} if isinstance(roles, (int, np.integer)) else roles
+    out: dict[int, list[str]] = {}
+    for role, layer in roles.items():
+        out.setdefault(int(layer), []).append(role)
+    return {layer: " and ".join(names) for layer, names in out.items()}
+
+
+def ablation_sweep(features: Mapping, layers: Mapping[str, int | Mapping[str, int]], ablation_k: str | Sequence, draws: int = 1,
+                   *, position: str = "last_prompt", seed: int = 0, n_boot: int = 1000, progress: bool = True,
                    jobs: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
-    """One greedy pass per planned ablation of every model in ``features`` (``{name: Features}``) at ``layers[name]``.
+    """One greedy pass per planned ablation of every model in ``features`` (``{name: Features}``) at each of its
+    ``layers[name]``: one layer, or ``{role: layer}`` (e.g. ``{"reliability": 2, "best": 5}``; a layer named by
+    two roles runs once, its rows' ``layer_role`` naming both, :func:`layer_roles`).
 
     Returns the accuracy changes of every pass in every scope (:func:`vrp_utils.analysis.changes.accuracy_changes`:
-    per setting, label-balanced, distinct), the paired label-balanced difference of the top-k pass from the first
-    random draw of as many dimensions, and per model the probe's C and weight counts.
+    per setting, label-balanced, distinct), the paired label-balanced difference of each layer's top-k pass from
+    its first random draw of as many dimensions, and per model the probe's C and weight counts at each layer.
 
     ``ablation_k`` is read against each model's width (:func:`parse_ablation`). The passes of all models run in
     one pool of ``jobs`` processes (one torch thread each; the stores, hence the results, do not depend on it).
@@ -942,32 +954,36 @@ def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str
     settings = ExtractionSettings(attention=False, hidden=False, batch_size=64)
     tasks, info = [], {}
     for name, f in features.items():
-        weights, strength = probe_weights(f, layers[name], position, seed)
-        ks, half = parse_ablation(ablation_k, len(weights))
-        plans = ablation_plan(weights, ks, draws, seed, half)
-        info[name] = {"probe_C": strength, "nonzero_weights": int((weights > 0).sum()), "width": len(weights),
-                      "layer": layers[name], "passes": len(plans)}
-        tasks += [(name, plan) for plan in plans]
-    calls = [(str(features[name].model_dir), features[name].inputs, settings, features[name].store.path.parent, layers[name],
-              plan, seed, progress and jobs <= 1, features[name].device, features[name].dtype) for name, plan in tasks]
+        info[name] = {"layers": {}, "passes": 0}
+        for layer, role in layer_roles(layers[name]).items():
+            weights, strength = probe_weights(f, layer, position, seed)
+            ks, half = parse_ablation(ablation_k, len(weights))
+            plans = ablation_plan(weights, ks, draws, seed, half)
+            info[name]["layers"][role] = {"layer": layer, "probe_C": strength, "nonzero_weights": int((weights > 0).sum()),
+                                          "passes": len(plans)}
+            info[name].update(width=len(weights), passes=info[name]["passes"] + len(plans))
+            tasks += [(name, layer, role, plan) for plan in plans]
+    calls = [(str(features[name].model_dir), features[name].inputs, settings, features[name].store.path.parent, layer,
+              plan, seed, progress and jobs <= 1, features[name].device, features[name].dtype) for name, layer, _, plan in tasks]
     paths = side_by_side(_ablation_pass, calls, jobs)
     rows, answered = [], {}
-    for (name, plan), path in zip(tasks, paths):
+    for (name, layer, role, plan), path in zip(tasks, paths):
         store = FeatureStore.open(path)
         after = store.table().rename(columns={"question_id": "distinct_id", "correct": "correct_after", "parsed": "parsed_after"})
         after = after[["distinct_id", "correct_after", "parsed_after"]]
-        answered[(name, plan["condition"], plan["k"], plan["draw"])] = after
-        keys = {"model": features[name].model, "layer": layers[name], "position": position,
+        answered[(name, layer, role, plan["condition"], plan["k"], plan["draw"])] = after
+        keys = {"model": features[name].model, "layer": layer, "layer_role": role, "position": position,
                 **{k: v for k, v in plan.items() if k != "dims"}, "dims": ",".join(map(str, plan["dims"]))}
         for row in changes.accuracy_changes(features[name].table, after, sorted(features[name].table["setting"].unique()),
                                             n_boot=n_boot, seed=seed):
             rows.append({**keys, **row, "n_error_rows": store.n_errors})
     differences = []
-    for (name, condition, k, _), after in answered.items():
-        control = answered.get((name, "random", k, 0))
+    for (name, layer, role, condition, k, _), after in answered.items():
+        control = answered.get((name, layer, role, "random", k, 0))
         if condition == "top" and control is not None:
-            differences.append({"model": features[name].model, "layer": layers[name], "condition": "top", "versus": "random",
-                                "k": k, **changes.condition_difference(features[name].table, after, control, n_boot=n_boot, seed=seed)})
+            differences.append({"model": features[name].model, "layer": layer, "layer_role": role, "condition": "top",
+                                "versus": "random", "k": k,
+                                **changes.condition_difference(features[name].table, after, control, n_boot=n_boot, seed=seed)})
     return pd.DataFrame.from_records(rows), pd.DataFrame.from_records(differences), info
 
 
