@@ -127,3 +127,17 @@ def test_annotated_heatmaps_drop_the_interval_text_where_the_cells_are_too_narro
     figure.canvas.draw()
     cell = figure.axes[0].get_window_extent().width / size
     assert max(t.get_window_extent().width for t in figure.axes[0].texts) <= cell  # each annotation fits its cell
+
+
+def test_one_panel_with_a_long_legend_and_caption_keeps_both_off_the_data():
+    """One model (no spare panel): 14 legend entries go below and a five-line caption above, the axes kept whole."""
+    hues = [f"series {i}" for i in range(10)]
+    table = _estimates(["/a/long/path/to/a/model/directory/zoo-llava"], hues)
+    hlines = [{"facet": table["panel"].iloc[0], "y": 0.1 * i, "label": f"control {i}"} for i in range(4)]
+    figure = plots.estimate_lines(table, x="layer", hue="metric", facet="panel", hlines=hlines, title=" ".join(["caption words"] * 40))
+    figure.canvas.draw()
+    ax = [a for a in figure.axes if a.lines][0]
+    legend = figure.legends[0]
+    assert not _overlaps_data(legend, ax)
+    assert not figure._suptitle.get_window_extent().overlaps(ax.get_window_extent())
+    assert ax.get_window_extent().height > 1.5 * plots.DPI  # the panel keeps its height

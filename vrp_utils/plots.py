@@ -91,7 +91,10 @@ def wrap(text: str, width: float = TEXT_WIDTH_IN, size: float = FONT_PT) -> str:
 def set_title(figure: plt.Figure, title: str | None) -> None:
     """The figure's caption line(s) on top, wrapped to the figure's width."""
     if title:
-        figure.suptitle(wrap(title, figure.get_figwidth()), fontsize=FONT_PT)
+        text = wrap(title, figure.get_figwidth())
+        # room for the lines beyond the two a figure's height already allows (constrained layout keeps the axes' size)
+        figure.set_figheight(figure.get_figheight() + max(0, text.count("\n") - 1) * 1.4 * FONT_PT / 72)
+        figure.suptitle(text, fontsize=FONT_PT)
 
 
 def panels(count: int, columns: int = 2, panel_height: float = 2.9, width: float = TEXT_WIDTH_IN,
@@ -117,6 +120,8 @@ def legend_outside(figure: plt.Figure, handles: Sequence[Any], labels: Sequence[
     if spare:
         spare[0].legend(handles, labels, loc="center", frameon=False, title=title)
     else:
+        rows = math.ceil(len(labels) / 2) + (1 if title else 0)
+        figure.set_figheight(figure.get_figheight() + rows * 1.5 * FONT_PT / 72)  # the legend's own room below the axes
         figure.legend(handles, labels, loc="outside lower center", ncol=min(2, len(labels)), frameon=False, title=title)
 
 
