@@ -199,13 +199,34 @@ def test_probe_answer_weighs_the_probe_against_chance_the_free_rival_and_the_twi
     chance = answers.probes(probe_results(probe_b=(0.52, 0.48, 0.56)))
     assert "excludes chance (0.5) for 1 of 2 models" in chance
     deep = probe_results()
-    deep["reliability_layer"] = {"m-a": {"layer": 4, "n_layers": 8, "relative_depth": 5 / 8},
+    deep["reliability_layer"] = {"m-a": {"layer": 4, "n_layers": 8, "relative_depth": 5 / 8, "relative_depth_ci_low": 3 / 8,
+                                         "relative_depth_ci_high": 6 / 8},
                                  "m-b": {"layer": 1, "n_layers": 2, "relative_depth": 1.0}}
     located = answers.probes(deep)
-    assert "is m-a layer 4 of 8 (relative depth 0.62); m-b layer 1 of 2 (relative depth 1.00)" in located
+    assert "is m-a layer 4 of 8 (relative depth 0.62 [0.38, 0.75]); m-b layer 1 of 2 (relative depth 1.00, no interval)" in located
+    assert "(the paper: LLaVA 21/32, PaliGemma 10/18, Qwen2-VL 18/28)" in located  # no family named: all three listed
     assert "does not locate reliability in depth" in located  # m-b has 2 layers
-    deep["reliability_layer"]["m-b"] = {"layer": 3, "n_layers": 6, "relative_depth": 4 / 6}
-    assert "does not locate" not in answers.probes(deep)
+    deep["reliability_layer"]["m-b"] = {"layer": 2, "n_layers": 3, "relative_depth": 1.0}
+    assert "does not locate" not in answers.probes(deep)  # three layers or more: the interval says how well it is located
+    assert comparisons_without_a_paired_test(answers.probes(deep)) == []
+
+
+def test_probe_answer_sets_each_familys_reliability_layer_beside_the_papers():
+    results = probe_results()
+    results["parameters"]["models"] = ["zoo-llava", "/data/zoo-depth/6x96/zoo-qwen2-vl"]
+    for row in results["probe_auroc"] + results["probe_vs_control"] + results["ablation"]:
+        row["model"] = {"m-a": "zoo-llava", "m-b": "/data/zoo-depth/6x96/zoo-qwen2-vl"}[row["model"]]
+    results["layers_used"] = {"zoo-llava": 1, "/data/zoo-depth/6x96/zoo-qwen2-vl": 1}
+    results["reliability_layer"] = {m: {"layer": 3, "n_layers": 6, "relative_depth": 4 / 6, "relative_depth_ci_low": 3 / 6,
+                                        "relative_depth_ci_high": 5 / 6} for m in results["layers_used"]}
+    for row in results["ablation"]:
+        row.update(layer=3, layer_role="reliability")
+    text = answers.probes(results)
+    assert "zoo-llava layer 3 of 6 (relative depth 0.67 [0.50, 0.83]; the paper's LLaVA 21/32 = 0.66)" in text
+    assert "zoo-qwen2-vl layer 3 of 6 (relative depth 0.67 [0.50, 0.83]; the paper's Qwen2-VL 18/28 = 0.64)" in text
+    assert "(the paper: LLaVA" not in text and "does not locate" not in text
+    assert "zoo-llava at the reliability layer (3) -0.5 [-0.9, -0.1] points" in text and "for 1 of 2 ablated layers." in text
+    assert comparisons_without_a_paired_test(text) == []
     bare = probe_results()
     del bare["probe_vs_control"]
     assert "No paired comparison with the controls" in answers.probes(bare)

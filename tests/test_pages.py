@@ -311,7 +311,7 @@ def test_claim_5b_fails_when_paligemma_loses_14_points(tmp_path):
             _ablation("zoo-llava", "half", 64, 0.017, 0.005, 0.030),
             _ablation("zoo-paligemma", "half", 64, -0.143, -0.161, -0.125),
             _ablation("zoo-qwen2-vl", "half", 64, 0.015, 0.001, 0.029)]
-    by_id = _book_rows(_book_record(tmp_path, "03_probes", {"ablation": rows}))
+    by_id = _book_rows(_book_record(tmp_path, "03_probes", {"ablation": rows, "layers_used": {"zoo-llava": 1, "zoo-paligemma": 1, "zoo-qwen2-vl": 1}}))
     assert (by_id["5"].verdict, by_id["5"].size) == (HOLDS, HOLDS)  # -8.3 points in [-11, -6]
     five_b = by_id["5b"]
     assert five_b.cells["zoo-paligemma"].verdict == DIFFERS and five_b.cells["zoo-qwen2-vl"].verdict == HOLDS
@@ -322,7 +322,7 @@ def test_claim_5b_fails_when_paligemma_loses_14_points(tmp_path):
     assert "| zoo-paligemma | \u221214.3 [\u221216.1, \u221212.5], n = 1,725; *differs* |" in _block(page, "5b")
     # both families within a point: holds
     rows[2] = _ablation("zoo-paligemma", "half", 64, -0.004, -0.009, 0.001)
-    assert _book_rows(_book_record(tmp_path, "03_probes", {"ablation": rows}))["5b"].verdict == HOLDS
+    assert _book_rows(_book_record(tmp_path, "03_probes", {"ablation": rows, "layers_used": {"zoo-llava": 1, "zoo-paligemma": 1, "zoo-qwen2-vl": 1}}))["5b"].verdict == HOLDS
 
 
 def test_a_missing_balanced_scope_shows_missing_and_never_falls_back(tmp_path):
@@ -331,7 +331,7 @@ def test_a_missing_balanced_scope_shows_missing_and_never_falls_back(tmp_path):
     ablation += [_ablation("zoo-llava", "top", 5, -0.083, -0.11, -0.06, scope="distinct")]
     masking = [{"model": m, "condition": "top", "fraction": 0.3, "scope": "distinct", "subset": "all", "value": -0.09,
                 "ci_low": -0.11, "ci_high": -0.07, "n": 1725} for m in ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")]
-    _book_record(tmp_path, "03_probes", {"ablation": ablation})
+    _book_record(tmp_path, "03_probes", {"ablation": ablation, "layers_used": {"zoo-llava": 1, "zoo-paligemma": 1, "zoo-qwen2-vl": 1}})
     results = _book_record(tmp_path, "02_masking", {"accuracy_change": masking})
     rows = pages.evaluate(pages.load_claims(), pages.load_results(results))
     by_id = {row.claim["id"]: row for row in rows}

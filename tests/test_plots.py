@@ -97,3 +97,47 @@ def test_cost_scatter_numbers_crowded_points_without_overlap_and_keys_them():
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     key = figure.axes[3].texts[0].get_text()
     assert all(f"{i + 1:>2}  signal_{i}" in key for i in range(12))
+
+
+def test_estimate_lines_marks_a_layer_and_its_interval_in_each_panel_and_the_legend():
+    facets = ["model 0", "model 1"]
+    table = _estimates(facets, ["probe"])
+    marks = [{"facet": f, "x": x, "label": "reliability layer", "span": (x - 1, x), "span_label": "its 95% CI"}
+             for f, x in zip(facets, (1, 3))]
+    figure = plots.estimate_lines(table, x="layer", hue="metric", facet="panel", vlines=marks)
+    data_axes = [ax for ax in figure.axes if ax.lines]
+    for ax, x in zip(data_axes, (1, 3)):
+        assert any(list(line.get_xdata()) == [x, x] for line in ax.lines)  # the mark, in its own panel
+        assert len(ax.patches) == 1  # the interval's band (spans are patches)
+        # the data's own bands keep their columns (a span never replaces the low/high column names)
+        assert any(c.get_paths() for c in ax.collections)
+    legend = figure.legends[0]
+    assert {t.get_text() for t in legend.get_texts()} == {"probe", "reliability layer", "its 95% CI"}
+
+
+@pytest.mark.parametrize("size, with_interval", [(3, True), (6, False)])
+def test_annotated_heatmaps_drop_the_interval_text_where_the_cells_are_too_narrow(size, with_interval):
+    order = list(range(size))
+    table = pd.DataFrame([{"model": "m", "train": i, "test": j, "value": 0.7, "ci_low": 0.65, "ci_high": 0.75}
+                          for i in order for j in order])
+    figure = plots.annotated_heatmaps(table, facet="model", row="train", column="test", order=order)
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert len(texts) == size * size and all(("[0.65, 0.75]" in t) == with_interval for t in texts)
+    assert plots.smallest_text_px(figure) >= plots.BODY_TEXT_PX
+    figure.canvas.draw()
+    cell = figure.axes[0].get_window_extent().width / size
+    assert max(t.get_window_extent().width for t in figure.axes[0].texts) <= cell  # each annotation fits its cell
+
+
+def test_one_panel_with_a_long_legend_and_caption_keeps_both_off_the_data():
+    """One model (no spare panel): 14 legend entries go below and a five-line caption above, the axes kept whole."""
+    hues = [f"series {i}" for i in range(10)]
+    table = _estimates(["/a/long/path/to/a/model/directory/zoo-llava"], hues)
+    hlines = [{"facet": table["panel"].iloc[0], "y": 0.1 * i, "label": f"control {i}"} for i in range(4)]
+    figure = plots.estimate_lines(table, x="layer", hue="metric", facet="panel", hlines=hlines, title=" ".join(["caption words"] * 40))
+    figure.canvas.draw()
+    ax = [a for a in figure.axes if a.lines][0]
+    legend = figure.legends[0]
+    assert not _overlaps_data(legend, ax)
+    assert not figure._suptitle.get_window_extent().overlaps(ax.get_window_extent())
+    assert ax.get_window_extent().height > 1.5 * plots.DPI  # the panel keeps its height

@@ -430,3 +430,166 @@ def test_reliability_layer_is_the_first_layer_not_shown_worse_than_the_best():
     assert only_best["layer"] == 4 and only_best["relative_depth"] == 1.0
     with pytest.raises(ValueError, match="no layer differences"):
         P.reliability_layer(pd.DataFrame(), n_layers=2)
+
+
+# ------------------------------------------------------------------ across layers (issue 24)
+
+
+def _signal_from(n_layers: int, first: int, n_images: int = 40, per_image: int = 6, seed: int = 3, drift: float = 0.0):
+    """Constructed features: correctness is carried (one direction, shift 2 SD) only from layer ``first`` on, where
+    the state stays as it arrived (the layers after ``first`` repeat it, plus noise of SD ``drift``); the layers before
+    hold noise only."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    n = n_images * per_image
+    correct = rng.random(n) < 0.6
+    distinct = pd.DataFrame({"distinct_id": np.arange(n), "array_index": np.arange(n), "correct": correct,
+                             "image_file": [f"img{i // per_image:03d}.png" for i in range(n)]})
+    hidden = rng.normal(size=(n, n_layers, 5))
+    hidden[:, first, 0] += 2.0 * correct
+    hidden[:, first:] = hidden[:, first:first + 1] + drift * rng.normal(size=(n, n_layers - first, 5))
+    store = SimpleNamespace(hidden=lambda layer, position: hidden if layer is None else hidden[:, layer])
+    return SimpleNamespace(distinct=distinct, store=store, model="constructed"), hidden, correct
+
+
+def test_cross_layer_scores_diagonal_is_cross_validated_and_one_fit_serves_every_test_layer():
+    features, hidden, y = _signal_from(4, 2, drift=0.5)
+    groups = features.distinct["image_file"].to_numpy()
+    matrices = [hidden[:, layer] for layer in range(4)]
+    scores = P.cross_layer_scores(matrices, y, groups, "l1", folds=4, seed=1)
+    assert scores.shape == (4, 4, len(y)) and np.isfinite(scores).all()
+    for layer in range(4):
+        np.testing.assert_array_equal(scores[layer, layer], P.cross_validated(matrices[layer], y, groups, "l1", folds=4, seed=1).scores)
+    # the probe fitted at layer 2 scores layer 3's held-out rows with its own weights (one fit per train layer and fold)
+    plan = P.fold_plan(y, groups, 4, P.INNER_FOLDS, 1)
+    test = plan.outer == 0
+    strength = P.choose_strength("l1", matrices[2][~test], y[~test].astype(int), plan.inner[0][~test], 1)
+    model = P._fit("l1", strength, 1, matrices[2][~test], y[~test].astype(int))
+    np.testing.assert_array_equal(scores[2, 3, test], model.predict_proba(matrices[3][test])[:, 1])
+    only = P.cross_layer_scores(matrices, y, groups, "l1", folds=4, seed=1, train=[2])
+    np.testing.assert_array_equal(only[0], scores[2])
+
+
+def test_layer_transfer_reads_where_a_signal_lives_and_its_diagonal_is_the_probe_table():
+    from sklearn.metrics import roc_auc_score
+
+    features, hidden, y = _signal_from(5, 2, drift=0.5)
+    scores = P.layer_scores(features, folds=4, seeds=2, seed=0)
+    assert scores.layers == [0, 1, 2, 3, 4] and scores.scores.shape == (2, 5, 5, len(y))
+    again = P.layer_scores(features, folds=4, seeds=2, seed=0, jobs=2)
+    np.testing.assert_array_equal(scores.scores, again.scores)  # jobs changes nothing
+    table = P.layer_transfer(scores, n_boot=100)
+    assert len(table) == 25 and set(table.columns) >= {"model", "train_layer", "test_layer", "value", "ci_low", "ci_high", "n",
+                                                       "n_groups", "method"}
+    cell = table.set_index(["train_layer", "test_layer"])
+    groups = features.distinct["image_file"].to_numpy()
+    for layer in range(5):  # diagonal: mean over CV seeds of each layer's own out-of-fold AUROC
+        expected = np.mean([roc_auc_score(y, P.cross_validated(hidden[:, layer], y, groups, "l1", folds=4, seed=s).scores)
+                            for s in (0, 1)])
+        assert cell.loc[(layer, layer), "value"] == pytest.approx(expected, abs=1e-12)
+    for train in (2, 3, 4):
+        for test in (2, 3, 4):
+            assert cell.loc[(train, test), "ci_low"] > 0.75  # the direction is shared by the layers that carry it
+        for test in (0, 1):
+            assert cell.loc[(train, test), "ci_low"] < 0.5 < cell.loc[(train, test), "ci_high"]  # no signal there
+    summary = P.layer_transfer_summary(table).set_index("train_layer")
+    assert list(summary.index) == [0, 1, 2, 3, 4]
+    assert summary.loc[3, "above_chance"] == "2-4" and summary.loc[3, "lowest_layer"] in (0, 1)
+    assert summary.loc[3, "value"] == cell.loc[(3, 3), "value"]
+
+
+def test_layer_ranges():
+    assert P._layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert P._layer_ranges([4]) == "4" and P._layer_ranges([]) == "none"
+
+
+def _explicit_draws(n_boot: int, k: int, seed: int) -> np.ndarray:
+    """The image indices the cluster bootstrap draws (scipy.stats.bootstrap with one batch), checked against it."""
+    from vrp_utils.analysis.stats import cluster_bootstrap
+
+    draws = np.random.default_rng(seed).integers(0, k, (n_boot, k))
+    counted = cluster_bootstrap(lambda codes, weights: weights[..., 0], [np.arange(k)], np.arange(k), n_boot=n_boot, seed=seed)
+    np.testing.assert_array_equal(counted.replicates, (draws == 0).sum(axis=1))
+    return draws
+
+
+def test_reliability_layer_ci_equals_a_brute_force_loop_over_the_same_resamples():
+    """Three layers on 12 images: every replicate redone with explicit rows and sklearn's roc_auc_score."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(11)
+    k, per, n_boot, seed = 12, 5, 400, 7
+    groups = np.repeat([f"img{i:02d}" for i in range(k)], per)
+    y = rng.random(k * per) < 0.55
+    scores = np.stack([a * y + rng.normal(size=len(y)) for a in (0.0, 1.0, 2.0)])
+    best = 2
+    found = P.reliability_layer_ci(scores, y, groups, best, n_boot=n_boot, seed=seed)
+    draws = _explicit_draws(n_boot, k, seed)
+    images = np.unique(groups)
+    d = np.full((3, n_boot), np.nan)
+    for b, drawn in enumerate(draws):
+        rows = np.concatenate([np.flatnonzero(groups == images[g]) for g in drawn])
+        if y[rows].all() or not y[rows].any():
+            continue
+        d[:, b] = [roc_auc_score(y[rows], s[rows]) - roc_auc_score(y[rows], scores[best][rows]) for s in scores]
+    se = np.array([np.std(row[np.isfinite(row)], ddof=1) for row in d])
+    defined = np.isfinite(d).all(axis=0)
+    layer = np.argmax(d[:, defined] + P.RELIABILITY_Z * se[:, None] >= 0, axis=0)
+    low, high = np.quantile(layer, [0.025, 0.975], method="inverted_cdf")
+    assert (found["layer_ci_low"], found["layer_ci_high"]) == (low, high)
+    assert (found["relative_depth_ci_low"], found["relative_depth_ci_high"]) == ((low + 1) / 3, (high + 1) / 3)
+    assert found["replicate_share"] == {l: pytest.approx(np.mean(layer == l), abs=1e-12) for l in range(3)}
+    assert found["undefined_replicates"] == int((~defined).sum())
+    assert min(found["replicate_share"].values()) > 0.1  # every layer is chosen by some replicates: the check has teeth
+
+
+@pytest.mark.parametrize("first", [0, 3, 5])
+def test_reliability_layer_and_its_ci_find_where_a_signal_appears(first):
+    """A signal that appears at layer ``first`` of 6 and stays: measured against the last layer (as good as any from
+    ``first`` on), the reliability layer is ``first`` and its CI that one layer."""
+    features, hidden, y = _signal_from(6, first, n_images=60)
+    scores = P.layer_scores(features, folds=4, seeds=2, seed=0)
+    best = 5
+    differences = P.layer_differences(features, best, folds=4, seeds=2, n_boot=200, scores=scores)
+    found = P.reliability_layer(differences, 6, scores, n_boot=200, seed=0)
+    assert found["layer"] == first and found["relative_depth"] == (first + 1) / 6
+    assert (found["layer_ci_low"], found["layer_ci_high"]) == (first, first)
+    assert found["relative_depth_ci_low"] == found["relative_depth_ci_high"] == (first + 1) / 6
+    assert found["rule"] == P.RELIABILITY_RULE and "percentiles" in found["ci_method"]
+    # the differences from precomputed scores equal those computed afresh
+    pd.testing.assert_frame_equal(differences, P.layer_differences(features, best, folds=4, seeds=2, n_boot=200))
+
+
+def test_reliability_layer_ci_refuses_a_bad_best_layer_or_one_class():
+    X, y, groups = synthetic(n_images=10, width=3)
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        P.reliability_layer_ci(X.T, y, groups, 3)
+    with pytest.raises(ValueError, match="one class"):
+        P.reliability_layer_ci(X.T, np.ones(len(y), bool), groups, 0)
+
+
+def test_layer_roles_run_a_shared_layer_once():
+    assert P.layer_roles({"reliability": 1, "best": 3}) == {1: "reliability", 3: "best"}
+    assert P.layer_roles({"reliability": 2, "best": 2}) == {2: "reliability and best"}
+    assert P.layer_roles(4) == {4: "chosen"}
+
+
+def test_ablation_sweep_at_the_reliability_and_the_best_layer(tiny_model_dir, tiny_benchmark, tmp_path):
+    """A real tiny model: two roles at two layers give two sets of passes, each row naming its role; one shared
+    layer gives one set whose role names both."""
+    name = "zoo-llava"
+    features = {name: open_features(str(tiny_model_dir(name)), "random", limit=8, root=tmp_path, benchmark_dir=tiny_benchmark,
+                                    progress=False)}
+    table, versus, info = P.ablation_sweep(features, {name: {"reliability": 0, "best": 1}}, "2", 1, n_boot=50, progress=False)
+    balanced = table[table["scope"] == "balanced"]
+    assert set(zip(balanced["layer"], balanced["layer_role"])) == {(0, "reliability"), (1, "best")}
+    assert len(balanced) == info[name]["passes"] == 4  # top-2 and random-2 at each layer
+    assert set(info[name]["layers"]) == {"reliability", "best"} and info[name]["layers"]["best"]["layer"] == 1
+    assert set(zip(versus["layer"], versus["layer_role"])) == {(0, "reliability"), (1, "best")}
+    shared, versus, info = P.ablation_sweep(features, {name: {"reliability": 1, "best": 1}}, "2", 1, n_boot=50, progress=False)
+    rows = shared[shared["scope"] == "balanced"]
+    assert set(rows["layer_role"]) == {"reliability and best"} and len(rows) == info[name]["passes"] == 2
+    # the shared layer's rows are the "best" rows of the two-layer sweep (the same stores, read again)
+    pd.testing.assert_frame_equal(rows.drop(columns="layer_role").reset_index(drop=True),
+                                  balanced[balanced["layer"] == 1].drop(columns="layer_role").reset_index(drop=True))

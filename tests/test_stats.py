@@ -782,6 +782,24 @@ def test_paired_differences_match_brute_force_over_every_resample():
     assert abs(paired - unpaired) / unpaired > 0.05
 
 
+def test_auroc_difference_bootstrap_rows_equal_auroc_difference_on_one_resampling():
+    """Each row's CI is auroc_difference's for that pair (same seed), and all rows share their replicates' draws."""
+    rng = np.random.default_rng(8)
+    groups = np.repeat(np.arange(30), 5)
+    correct = rng.random(150) < 0.6
+    scores = np.stack([a * correct + rng.normal(size=150) for a in (0.0, 0.5, 1.0)])
+    cis = S.auroc_difference_bootstrap(scores, 2, correct, groups, n_boot=N_BOOT, seed=4)
+    for i in range(3):
+        pair = S.auroc_difference(scores[i], scores[2], correct, groups, n_boot=N_BOOT, seed=4)
+        assert (cis[i].low, cis[i].high, cis[i].standard_error) == (pair.ci_low, pair.ci_high, pair.details["bootstrap_se"])
+    assert np.all(cis[2].replicates == 0)
+    # one resampling: row 0 minus row 1 per replicate is the replicate of AUROC(row 0) - AUROC(row 1)
+    between = S.auroc_difference_bootstrap(scores, 1, correct, groups, n_boot=N_BOOT, seed=4)[0]
+    np.testing.assert_allclose(cis[0].replicates - cis[1].replicates, between.replicates, atol=1e-12)
+    with pytest.raises(ValueError, match="reference"):
+        S.auroc_difference_bootstrap(scores, 3, correct, groups)
+
+
 def test_balanced_mean_bootstrap_matches_brute_force():
     groups = np.repeat(np.arange(4), 5)
     label = np.tile(["yes", "no", "no", "no", "yes"], 4)

@@ -300,6 +300,16 @@ def masking(results: dict) -> str:
     return text + "."
 
 
+#: The paper's probe layers (its reliability claim), as layer / layers, per family (PAPER.md: 21 of 32, 10 of 18, 18 of 28).
+PAPER_LAYERS = {"llava": "LLaVA 21/32 = 0.66", "paligemma": "PaliGemma 10/18 = 0.56", "qwen2-vl": "Qwen2-VL 18/28 = 0.64"}
+
+
+def _family(model: str) -> str | None:
+    """The paper's family a model's name (or directory) names, if any: ``zoo-qwen2-vl`` -> ``qwen2-vl``."""
+    name = str(model).rstrip("/").split("/")[-1].lower()
+    return next((family for family in PAPER_LAYERS if family in name.replace("_", "-")), None)
+
+
 def probes(results: dict) -> str:
     """Chapter 03: does a probe on the hidden states tell right from wrong, beyond what the answer gives for free?"""
     models = _models(results)
@@ -347,19 +357,26 @@ def probes(results: dict) -> str:
         text += "No paired comparison with the controls was published in this run. "
     where = {m: r for m, r in (results.get("reliability_layer") or {}).items() if m in models}
     if where:
-        shallow = min(r["n_layers"] for r in where.values()) < 6
+        shallow = min(r["n_layers"] for r in where.values()) < 3
         text += ("The reliability layer (the first layer whose probe is not worse than the best layer's, by the paired "
-                 "difference) is " + "; ".join(f"{m} layer {r['layer']} of {r['n_layers']} (relative depth "
-                                               f"{r['relative_depth']:.2f})" for m, r in where.items())
-                 + " (the paper: 21/32, 10/18 and 18/28)"
+                 "difference; 95% CI of its relative depth from one paired image bootstrap of all layers) is "
+                 + "; ".join(f"{m} layer {r['layer']} of {r['n_layers']} (relative depth {r['relative_depth']:.2f}"
+                             + (f" [{r['relative_depth_ci_low']:.2f}, {r['relative_depth_ci_high']:.2f}]"
+                                if _finite(r.get("relative_depth_ci_low")) and _finite(r.get("relative_depth_ci_high")) else
+                                ", no interval")
+                             + (f"; the paper's {PAPER_LAYERS[family]}" if (family := _family(m)) else "") + ")"
+                             for m, r in where.items())
+                 + (" (the paper: LLaVA 21/32, PaliGemma 10/18, Qwen2-VL 18/28)" if not all(_family(m) for m in where) else "")
                  + (", which with so few layers does not locate reliability in depth. " if shallow else ". "))
     top = [r for r in _rows(results, "ablation", condition="top", scope="balanced", subset="all") if _finite(r.get("value"))]
     if top:
         costly = [r for r in top if _excludes(r, 0.0) and r["value"] < 0]
+        roles = any(r.get("layer_role") for r in top)
         text += (f"Zeroing the top {_join(sorted({str(r['k']) for r in top}))} probe dimensions changes accuracy "
                  "(label-balanced) by "
-                 + "; ".join(f"{r['model']} {_ci(r, digits=1, signed=True, scale=100)} points" for r in top)
-                 + f": a loss that excludes 0 for {_count(len(costly), len(top))}.")
+                 + "; ".join(f"{r['model']}" + (f" at the {r['layer_role']} layer ({r['layer']})" if r.get("layer_role") else "")
+                             + f" {_ci(r, digits=1, signed=True, scale=100)} points" for r in top)
+                 + f": a loss that excludes 0 for {_count(len(costly), len(top))}" + (" ablated layers." if roles else "."))
     return text.rstrip()
 
 

@@ -91,7 +91,10 @@ def wrap(text: str, width: float = TEXT_WIDTH_IN, size: float = FONT_PT) -> str:
 def set_title(figure: plt.Figure, title: str | None) -> None:
     """The figure's caption line(s) on top, wrapped to the figure's width."""
     if title:
-        figure.suptitle(wrap(title, figure.get_figwidth()), fontsize=FONT_PT)
+        text = wrap(title, figure.get_figwidth())
+        # room for the lines beyond the two a figure's height already allows (constrained layout keeps the axes' size)
+        figure.set_figheight(figure.get_figheight() + max(0, text.count("\n") - 1) * 1.4 * FONT_PT / 72)
+        figure.suptitle(text, fontsize=FONT_PT)
 
 
 def panels(count: int, columns: int = 2, panel_height: float = 2.9, width: float = TEXT_WIDTH_IN,
@@ -117,6 +120,8 @@ def legend_outside(figure: plt.Figure, handles: Sequence[Any], labels: Sequence[
     if spare:
         spare[0].legend(handles, labels, loc="center", frameon=False, title=title)
     else:
+        rows = math.ceil(len(labels) / 2) + (1 if title else 0)
+        figure.set_figheight(figure.get_figheight() + rows * 1.5 * FONT_PT / 72)  # the legend's own room below the axes
         figure.legend(handles, labels, loc="outside lower center", ncol=min(2, len(labels)), frameon=False, title=title)
 
 
@@ -158,12 +163,15 @@ def estimate_lines(
     table: Any, x: str, hue: str, facet: str, value: str = "value", low: str = "ci_low", high: str = "ci_high",
     reference: float | None = 0.0, ylabel: str = "", title: str | None = None, facet_order: Sequence[str] | None = None,
     columns: int = 2, hlines: Sequence[Mapping[str, Any]] = (), legend_title: str | None = None,
+    vlines: Sequence[Mapping[str, Any]] = (),
 ) -> plt.Figure:
     """One panel per ``facet`` (at most ``columns`` a row): a line per ``hue`` over ``x`` with its CI as a band
     (an interval bar where x has one value). Models (``hue="model"``) take their :data:`MODEL_COLOURS`.
 
     ``hlines``: extra horizontal lines, each ``{"facet", "y", "label", "color", "linestyle"}``, drawn in their
     panel and named in the one legend, which sits in a spare panel or below the axes (never on data).
+    ``vlines``: vertical marks, each ``{"facet", "x", "label", "color", "linestyle"}`` and optionally ``"span":
+    (low, high)``, an interval of x shaded behind the data and named in the legend as ``"span_label"``.
     """
     facets = list(facet_order) if facet_order is not None else list(dict.fromkeys(table[facet]))
     hues = list(dict.fromkeys(table[hue]))
@@ -186,6 +194,15 @@ def estimate_lines(
             if extra["facet"] == name:
                 handles[extra["label"]] = ax.axhline(extra["y"], color=extra.get("color", "0.25"), linestyle=extra.get("linestyle", "--"),
                                                      linewidth=1.4, label=extra["label"])
+        for mark in vlines:
+            if mark["facet"] != name:
+                continue
+            if mark.get("span") is not None:
+                start, end = mark["span"]
+                handles[mark.get("span_label", f"{mark['label']} (interval)")] = ax.axvspan(
+                    start - 0.15, end + 0.15, color=mark.get("color", "0.25"), alpha=0.12, linewidth=0, zorder=0)
+            handles[mark["label"]] = ax.axvline(mark["x"], color=mark.get("color", "0.25"), linestyle=mark.get("linestyle", "-."),
+                                                linewidth=1.4, label=mark["label"])
         if reference is not None:
             ax.axhline(reference, color="0.4", linewidth=0.8, linestyle="--")
         ax.set_title(str(name))
@@ -268,8 +285,9 @@ def masked_gallery(examples: Sequence[Mapping[str, Any]], title: str | None = No
 def annotated_heatmaps(table: Any, facet: str, row: str, column: str, order: Sequence[str], value: str = "value",
                        low: str = "ci_low", high: str = "ci_high", vmin: float = 0.5, vmax: float = 1.0,
                        xlabel: str = "", ylabel: str = "", facet_titles: Mapping[str, str] | None = None,
-                       title: str | None = None) -> plt.Figure:
-    """One heatmap per ``facet`` stacked at text width, each cell annotated "value [low, high]" in the body font;
+                       title: str | None = None, interval: bool | None = None) -> plt.Figure:
+    """One heatmap per ``facet`` stacked at text width, each cell annotated "value [low, high]" in the body font
+    (``interval`` False: the value alone; None: the interval only where at most 4 columns leave it room);
     rows and columns in ``order``."""
     facets = list(dict.fromkeys(table[facet]))
     figure, axes = panels(len(facets), columns=1, panel_height=0.45 * len(order) + 0.5, sharex=True)
@@ -277,7 +295,9 @@ def annotated_heatmaps(table: Any, facet: str, row: str, column: str, order: Seq
     for i, (ax, name) in enumerate(zip(axes, facets)):
         part = table[table[facet] == name]
         grid = part.pivot(index=row, columns=column, values=value).loc[order, order].astype(float)
-        text = part.assign(_t=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(part[value], part[low], part[high])])
+        with_interval = len(order) <= 4 if interval is None else interval
+        text = part.assign(_t=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if with_interval else f"{v:.2f}"
+                               for v, lo, hi in zip(part[value], part[low], part[high])])
         labels = text.pivot(index=row, columns=column, values="_t").loc[order, order]
         sns.heatmap(grid, annot=labels, fmt="", vmin=vmin, vmax=vmax, cmap="viridis", cbar=False, ax=ax,
                     annot_kws={"fontsize": FONT_PT})

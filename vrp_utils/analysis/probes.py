@@ -65,7 +65,7 @@ from sklearn.preprocessing import StandardScaler
 
 from vrp_utils.analysis import changes
 from vrp_utils.analysis.parallel import side_by_side
-from vrp_utils.analysis.stats import Estimate, auroc, auroc_difference, grouped_folds
+from vrp_utils.analysis.stats import Estimate, auroc, auroc_difference, auroc_difference_bootstrap, grouped_folds
 
 PROBES = ("l1", "mlp")
 POSITIONS = ("last_prompt", "answer_mean")
@@ -462,60 +462,235 @@ def peak_layer(summary_table: pd.DataFrame, model: str, probe: str = "l1", posit
     return int(rows.loc[rows["value"].astype(float).idxmax(), "layer"])
 
 
+# --------------------------------------------------------------------------------------------------
+# Across layers: out-of-fold scores of a probe trained at one layer and read at every layer
+# --------------------------------------------------------------------------------------------------
+
+
+def cross_layer_scores(matrices: Sequence[np.ndarray], correct, groups, kind: str = "l1", *, folds: int = 5,
+                       inner_folds: int = INNER_FOLDS, seed: int = 0, train: Sequence[int] | None = None) -> np.ndarray:
+    """``[train layer, test layer, row]`` out-of-fold P(correct): for each outer fold, the probe fitted on the
+    training folds' rows of ``matrices[i]`` (strength by the inner grouped CV, as :func:`cross_validated`) scores
+    the held-out rows of every ``matrices[j]``.
+
+    One fit per (train layer, fold), never per test layer; the diagonal equals :func:`cross_validated` of that
+    layer with the same seed (same folds, strengths and fits). ``train``: the train layers (default all).
+    """
+    Xs = [np.asarray(X, dtype=float) for X in matrices]
+    for i, X in enumerate(Xs):
+        if not np.isfinite(X).all():
+            raise ValueError(f"layer {i}'s features hold {int((~np.isfinite(X)).sum())} non-finite values")
+    y = np.asarray(correct, dtype=bool).astype(int)
+    plan = fold_plan(y, groups, folds, inner_folds, seed)
+    train_layers = range(len(Xs)) if train is None else train
+    scores = np.full((len(train_layers), len(Xs), len(y)), np.nan)
+    for a, i in enumerate(train_layers):
+        for f in range(folds):
+            test = plan.outer == f
+            fit_rows = ~test
+            strength = choose_strength(kind, Xs[i][fit_rows], y[fit_rows], plan.inner[f][fit_rows], seed)
+            model = _fit(kind, strength, seed, Xs[i][fit_rows], y[fit_rows])
+            for j, X in enumerate(Xs):
+                scores[a, j, test] = _predict(model, X[test])
+    return scores
+
+
+@dataclass
+class LayerScores:
+    """Out-of-fold scores of one probe at every (train layer, test layer) pair, per CV seed, and the rows' labels."""
+
+    model: str
+    position: str
+    kind: str
+    layers: list[int]
+    cv_seeds: list[int]
+    scores: np.ndarray  # [seed, train layer, test layer, row]
+    correct: np.ndarray
+    groups: np.ndarray
+
+    def diagonal(self) -> np.ndarray:
+        """``[seed, layer, row]``: each layer's own out-of-fold scores (:func:`cross_validated`)."""
+        return np.stack([self.scores[:, i, i] for i in range(len(self.layers))], axis=1)
+
+
+def _cross_layer_job(matrices, correct, groups, kind, folds, seed, train):
+    return cross_layer_scores(matrices, correct, groups, kind, folds=folds, seed=seed, train=train)
+
+
+def layer_scores(features, *, position: str = "last_prompt", kind: str = "l1", folds: int = 5, seeds: int = 2, seed: int = 0,
+                 layers: Sequence[int] | None = None, jobs: int = 1) -> LayerScores | None:
+    """:func:`cross_layer_scores` of every layer of ``features`` (from the store's shape) for CV seeds
+    ``seed .. seed + seeds - 1``; ``layers x folds`` fits per seed, ``jobs`` processes side by side (every fit is
+    seeded: the scores do not depend on ``jobs``). None when grouped CV cannot run (:func:`cv_problem`)."""
+    distinct = features.distinct
+    y = distinct["correct"].to_numpy(bool)
+    groups = distinct["image_file"].to_numpy()
+    if cv_problem(y, groups, folds) is not None:
+        return None
+    layers = list(range(features.store.hidden(None, position).shape[1]) if layers is None else layers)
+    matrices = [hidden_matrix(features.store, distinct, layer, position) for layer in layers]
+    calls = [(matrices, y, groups, kind, folds, s, [i]) for s in range(seed, seed + seeds) for i in range(len(layers))]
+    parts = side_by_side(_cross_layer_job, calls, jobs)
+    scores = np.stack([np.concatenate(parts[k * len(layers):(k + 1) * len(layers)]) for k in range(seeds)])
+    return LayerScores(features.model, position, kind, [int(x) for x in layers], list(range(seed, seed + seeds)), scores, y, groups)
+
+
+def layer_transfer(scores: LayerScores, n_boot: int = 1000) -> pd.DataFrame:
+    """AUROC of the probe trained at each layer and read at each layer (image-grouped folds), one row per pair.
+
+    Per CV seed the AUROC and its image-bootstrap CI (``stats.auroc``, bootstrap seed = CV seed, as the probe
+    table's); a row holds the mean over seeds and the seeds' bounds averaged, so the diagonal equals the
+    probe table's AUROC of that layer.
+    """
+    rows = []
+    for a, train in enumerate(scores.layers):
+        for b, test in enumerate(scores.layers):
+            per_seed = [auroc(scores.scores[k, a, b], scores.correct, scores.groups, n_boot=n_boot, seed=s)
+                        for k, s in enumerate(scores.cv_seeds)]
+            values = np.array([e.value for e in per_seed], dtype=float)
+            rows.append({"model": scores.model, "train_layer": train, "test_layer": test, "position": scores.position,
+                         "probe": scores.kind, "value": float(values.mean()),
+                         "ci_low": float(np.mean([e.ci_low for e in per_seed])),
+                         "ci_high": float(np.mean([e.ci_high for e in per_seed])),
+                         "seed_sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "seeds": len(per_seed),
+                         "n": per_seed[0].n, "n_groups": per_seed[0].n_groups,
+                         "method": "probe fitted at train_layer on the training folds' inputs, scoring the held-out folds' "
+                                   "inputs at test_layer (StratifiedGroupKFold by image); AUROC (stats.auroc) per CV seed, "
+                                   "mean over seeds, the seeds' 95% image-bootstrap bounds averaged"})
+    return pd.DataFrame.from_records(rows)
+
+
+def layer_transfer_summary(transfer: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, train layer) of a :func:`layer_transfer` table: the in-layer AUROC, the lowest AUROC
+    at another layer (and which), and the test layers where the probe's AUROC interval lies above chance (0.5)."""
+    out = []
+    for (model, train), part in transfer.groupby(["model", "train_layer"], sort=False):
+        own = part[part["test_layer"] == train].iloc[0]
+        others = part[part["test_layer"] != train]
+        low = others.loc[others["value"].idxmin()] if len(others) else None
+        above = [int(t) for t, lo in zip(part["test_layer"], part["ci_low"]) if pd.notna(lo) and lo > 0.5]
+        out.append({"model": model, "train_layer": int(train), "value": own["value"], "ci_low": own["ci_low"],
+                    "ci_high": own["ci_high"], "lowest_layer": None if low is None else int(low["test_layer"]),
+                    "lowest_value": None if low is None else low["value"], "lowest_ci_low": None if low is None else low["ci_low"],
+                    "lowest_ci_high": None if low is None else low["ci_high"],
+                    "above_chance": _layer_ranges(above), "n": int(own["n"]), "n_groups": int(own["n_groups"])})
+    return pd.DataFrame.from_records(out)
+
+
+def _layer_ranges(layers: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"`` (``"none"`` when empty)."""
+    if not layers:
+        return "none"
+    runs, start = [], layers[0]
+    for prev, cur in zip(layers, [*layers[1:], None]):
+        if cur is None or cur != prev + 1:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(runs)
+
+
 def layer_differences(features, best: int, *, position: str = "last_prompt", kind: str = "l1", folds: int = 5,
-                      seeds: int = 2, seed: int = 0, n_boot: int = 1000, layers: Sequence[int] | None = None) -> pd.DataFrame:
+                      seeds: int = 2, seed: int = 0, n_boot: int = 1000, layers: Sequence[int] | None = None,
+                      scores: LayerScores | None = None) -> pd.DataFrame:
     """Each layer's probe AUROC minus the ``best`` layer's, on the same inputs, folds and CV seeds (paired).
 
     One row per layer: the mean over CV seeds of the paired difference (``stats.auroc_difference``), the seeds'
     95% bounds averaged and the largest of their p-values. The best layer's own row is 0 with no interval.
+    ``scores``: the :func:`layer_scores` of these features (their diagonal is used), computed here when None.
     """
-    distinct = features.distinct
-    y = distinct["correct"].to_numpy(bool)
-    groups = distinct["image_file"].to_numpy()
-    layers = range(features.store.hidden(None, position).shape[1]) if layers is None else layers
-    if cv_problem(y, groups, folds) is not None:
+    if scores is None:
+        scores = layer_scores(features, position=position, kind=kind, folds=folds, seeds=seeds, seed=seed, layers=layers)
+    if scores is None:
         return pd.DataFrame()
+    y, groups, diagonal = scores.correct, scores.groups, scores.diagonal()
+    reference = scores.layers.index(best)
     rows = []
-    for s in range(seed, seed + seeds):
-        reference = cross_validated(hidden_matrix(features.store, distinct, best, position), y, groups, kind, folds=folds, seed=s).scores
-        for layer in layers:
-            if layer == best:
-                continue
-            scores = cross_validated(hidden_matrix(features.store, distinct, layer, position), y, groups, kind, folds=folds, seed=s).scores
-            rows.append({"layer": int(layer), "cv_seed": s,
-                         **_estimate_row(auroc_difference(scores, reference, y, groups, n_boot=n_boot, seed=s))})
+    for k, s in enumerate(scores.cv_seeds):
+        for i, layer in enumerate(scores.layers):
+            if layer != best:
+                rows.append({"layer": int(layer), "cv_seed": s,
+                             **_estimate_row(auroc_difference(diagonal[k, i], diagonal[k, reference], y, groups, n_boot=n_boot,
+                                                              seed=s))})
     frame = pd.DataFrame.from_records(rows)
-    out = [{"model": features.model, "layer": int(best), "best_layer": int(best), "position": position, "probe": kind,
-            "value": 0.0, "ci_low": None, "ci_high": None, "p_value": None, "seeds": seeds, "n": len(y),
+    out = [{"model": scores.model, "layer": int(best), "best_layer": int(best), "position": scores.position, "probe": scores.kind,
+            "value": 0.0, "ci_low": None, "ci_high": None, "p_value": None, "seeds": len(scores.cv_seeds), "n": len(y),
             "n_groups": len(set(groups.tolist()))}]
     for layer, part in (frame.groupby("layer", sort=True) if len(frame) else []):
-        out.append({"model": features.model, "layer": int(layer), "best_layer": int(best), "position": position, "probe": kind,
-                    "value": part["value"].mean(), "ci_low": part["ci_low"].mean(), "ci_high": part["ci_high"].mean(),
-                    "p_value": part["p_value"].max(), "seeds": len(part), "n": int(part["n"].iloc[0]),
-                    "n_groups": int(part["n_groups"].iloc[0])})
+        out.append({"model": scores.model, "layer": int(layer), "best_layer": int(best), "position": scores.position,
+                    "probe": scores.kind, "value": part["value"].mean(), "ci_low": part["ci_low"].mean(),
+                    "ci_high": part["ci_high"].mean(), "p_value": part["p_value"].max(), "seeds": len(part),
+                    "n": int(part["n"].iloc[0]), "n_groups": int(part["n_groups"].iloc[0])})
     return pd.DataFrame.from_records(out).sort_values("layer", ignore_index=True).assign(
         method="layer's probe AUROC minus the best layer's, same inputs, folds and CV seeds (stats.auroc_difference, "
                "paired cluster bootstrap over images); mean over CV seeds, the seeds' 95% bounds averaged, p: the largest")
 
 
+#: The z of a two-sided 95% normal interval: "its 95% CI includes 0" read on one bootstrap replicate as d + z * se >= 0.
+RELIABILITY_Z = 1.959963984540054
+#: How the reliability layer's own CI is made (declared with the rule, before any deep zoo result, issue 24).
+RELIABILITY_CI = ("95% CI of the reliability layer: each layer's out-of-fold probe scores averaged over the CV seeds; one "
+                  "paired cluster bootstrap over images (stats.cluster_bootstrap_outputs, one resampling shared by all "
+                  "layers) of d_l = AUROC_l - AUROC_best; in each replicate the layer is the first l with "
+                  "d_l + 1.96 se_l >= 0 (se_l: the bootstrap SE of d_l); the interval is the 2.5th and 97.5th "
+                  "percentiles (inverted CDF) of the replicates' (layer + 1) / number of layers")
 #: Declared before any zoo with depth was trained (issue 24): where reliability "lives" is the shallowest layer whose
 #: probe is not shown worse than the best layer's, by the paired difference (not by overlapping intervals).
 RELIABILITY_RULE = ("the first layer (from the input) whose paired AUROC difference from the best layer's probe has a "
-                    "95% CI that includes 0; relative depth = (layer + 1) / number of layers")
+                    "95% CI that includes 0; relative depth = (layer + 1) / number of layers; " + RELIABILITY_CI)
 
 
-def reliability_layer(differences: pd.DataFrame, n_layers: int) -> dict:
-    """The reliability layer of one model from its :func:`layer_differences` rows, by :data:`RELIABILITY_RULE`."""
+def reliability_layer_ci(scores: np.ndarray, correct, groups, best: int, *, n_boot: int = 1000, seed: int = 0,
+                         confidence: float = 0.95) -> dict:
+    """The reliability layer's bootstrap CI by :data:`RELIABILITY_CI`, from ``scores`` ``[layer, row]`` (each
+    layer's out-of-fold scores, mean over CV seeds) and the ``best`` layer's index.
+
+    Returns ``layer_ci_low/high``, ``relative_depth_ci_low/high``, the share of replicates at each layer and
+    how many replicates were undefined (a resample with one class) and dropped.
+    """
+    S = np.asarray(scores, dtype=float)
+    n_layers = S.shape[0]
+    if not 0 <= best < n_layers:
+        raise ValueError(f"best must lie in 0..{n_layers - 1}; got {best}")
+    y = np.asarray(correct, dtype=bool)
+    if y.all() or not y.any():
+        raise ValueError("correct holds one class only: AUROC is undefined")
+    cis = auroc_difference_bootstrap(S, best, y, groups, n_boot=n_boot, seed=seed, confidence=confidence)
+    reps = np.stack([ci.replicates for ci in cis])  # [layer, replicate]
+    se = np.array([0.0 if l == best else ci.standard_error for l, ci in enumerate(cis)])
+    defined = np.isfinite(reps).all(axis=0)
+    qualifies = reps[:, defined] + RELIABILITY_Z * se[:, None] >= 0
+    qualifies[best] = True  # d_best is 0 in every replicate
+    chosen = np.argmax(qualifies, axis=0)
+    if chosen.size == 0:
+        raise ValueError(f"all {n_boot} bootstrap replicates are undefined (a resample with one class)")
+    alpha = (1.0 - confidence) / 2.0
+    low, high = (int(np.quantile(chosen, q, method="inverted_cdf")) for q in (alpha, 1.0 - alpha))
+    share = np.bincount(chosen, minlength=n_layers) / max(1, chosen.size)
+    return {"layer_ci_low": low, "layer_ci_high": high, "relative_depth_ci_low": (low + 1) / n_layers,
+            "relative_depth_ci_high": (high + 1) / n_layers, "replicate_share": {int(l): float(v) for l, v in enumerate(share)},
+            "n_boot": int(n_boot), "undefined_replicates": int((~defined).sum()), "ci_method": RELIABILITY_CI}
+
+
+def reliability_layer(differences: pd.DataFrame, n_layers: int, scores: LayerScores | None = None, *, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """The reliability layer of one model from its :func:`layer_differences` rows, by :data:`RELIABILITY_RULE`; with
+    ``scores`` (its :func:`layer_scores`) also its CI (:func:`reliability_layer_ci`, bootstrap seed ``seed``)."""
     if differences.empty:
         raise ValueError("no layer differences: the probes were not fitted for this model")
     ordered = differences.sort_values("layer")
     for row in ordered.itertuples():
         not_worse = row.layer == row.best_layer or (pd.notna(row.ci_high) and row.ci_high >= 0)
         if not_worse:
-            return {"layer": int(row.layer), "relative_depth": (int(row.layer) + 1) / n_layers, "n_layers": int(n_layers),
-                    "best_layer": int(row.best_layer), "difference": float(row.value),
-                    "ci_low": None if pd.isna(row.ci_low) else float(row.ci_low),
-                    "ci_high": None if pd.isna(row.ci_high) else float(row.ci_high), "rule": RELIABILITY_RULE}
+            found = {"layer": int(row.layer), "relative_depth": (int(row.layer) + 1) / n_layers, "n_layers": int(n_layers),
+                     "best_layer": int(row.best_layer), "difference": float(row.value),
+                     "ci_low": None if pd.isna(row.ci_low) else float(row.ci_low),
+                     "ci_high": None if pd.isna(row.ci_high) else float(row.ci_high), "rule": RELIABILITY_RULE}
+            if scores is not None:
+                if len(scores.layers) != n_layers:
+                    raise ValueError(f"scores cover {len(scores.layers)} layers; the CI needs all {n_layers}")
+                found.update(reliability_layer_ci(scores.diagonal().mean(axis=0), scores.correct, scores.groups,
+                                                  scores.layers.index(int(row.best_layer)), n_boot=n_boot, seed=seed))
+            return found
     raise AssertionError("unreachable: the best layer always qualifies")
 
 
@@ -748,14 +923,26 @@ def _ablation_pass(model_dir: str, dataset, settings, root, layer: int, plan: di
                            device=device, dtype=dtype).path
 
 
-def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str | Sequence, draws: int = 1, *,
-                   position: str = "last_prompt", seed: int = 0, n_boot: int = 1000, progress: bool = True,
+def layer_roles(roles: int | Mapping[str, int]) -> dict[int, str]:
+    """``{"reliability": 3, "best": 5}`` -> ``{3: "reliability", 5: "best"}``: each layer once, its roles joined
+    (``{"reliability": 5, "best": 5}`` -> ``{5: "reliability and best"}``); a plain layer is role ``chosen``."""
+    roles = {"chosen": roles} if isinstance(roles, (int, np.integer)) else roles
+    out: dict[int, list[str]] = {}
+    for role, layer in roles.items():
+        out.setdefault(int(layer), []).append(role)
+    return {layer: " and ".join(names) for layer, names in out.items()}
+
+
+def ablation_sweep(features: Mapping, layers: Mapping[str, int | Mapping[str, int]], ablation_k: str | Sequence, draws: int = 1,
+                   *, position: str = "last_prompt", seed: int = 0, n_boot: int = 1000, progress: bool = True,
                    jobs: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
-    """One greedy pass per planned ablation of every model in ``features`` (``{name: Features}``) at ``layers[name]``.
+    """One greedy pass per planned ablation of every model in ``features`` (``{name: Features}``) at each of its
+    ``layers[name]``: one layer, or ``{role: layer}`` (e.g. ``{"reliability": 2, "best": 5}``; a layer named by
+    two roles runs once, its rows' ``layer_role`` naming both, :func:`layer_roles`).
 
     Returns the accuracy changes of every pass in every scope (:func:`vrp_utils.analysis.changes.accuracy_changes`:
-    per setting, label-balanced, distinct), the paired label-balanced difference of the top-k pass from the first
-    random draw of as many dimensions, and per model the probe's C and weight counts.
+    per setting, label-balanced, distinct), the paired label-balanced difference of each layer's top-k pass from
+    its first random draw of as many dimensions, and per model the probe's C and weight counts at each layer.
 
     ``ablation_k`` is read against each model's width (:func:`parse_ablation`). The passes of all models run in
     one pool of ``jobs`` processes (one torch thread each; the stores, hence the results, do not depend on it).
@@ -767,32 +954,36 @@ def ablation_sweep(features: Mapping, layers: Mapping[str, int], ablation_k: str
     settings = ExtractionSettings(attention=False, hidden=False, batch_size=64)
     tasks, info = [], {}
     for name, f in features.items():
-        weights, strength = probe_weights(f, layers[name], position, seed)
-        ks, half = parse_ablation(ablation_k, len(weights))
-        plans = ablation_plan(weights, ks, draws, seed, half)
-        info[name] = {"probe_C": strength, "nonzero_weights": int((weights > 0).sum()), "width": len(weights),
-                      "layer": layers[name], "passes": len(plans)}
-        tasks += [(name, plan) for plan in plans]
-    calls = [(str(features[name].model_dir), features[name].inputs, settings, features[name].store.path.parent, layers[name],
-              plan, seed, progress and jobs <= 1, features[name].device, features[name].dtype) for name, plan in tasks]
+        info[name] = {"layers": {}, "passes": 0}
+        for layer, role in layer_roles(layers[name]).items():
+            weights, strength = probe_weights(f, layer, position, seed)
+            ks, half = parse_ablation(ablation_k, len(weights))
+            plans = ablation_plan(weights, ks, draws, seed, half)
+            info[name]["layers"][role] = {"layer": layer, "probe_C": strength, "nonzero_weights": int((weights > 0).sum()),
+                                          "passes": len(plans)}
+            info[name].update(width=len(weights), passes=info[name]["passes"] + len(plans))
+            tasks += [(name, layer, role, plan) for plan in plans]
+    calls = [(str(features[name].model_dir), features[name].inputs, settings, features[name].store.path.parent, layer,
+              plan, seed, progress and jobs <= 1, features[name].device, features[name].dtype) for name, layer, _, plan in tasks]
     paths = side_by_side(_ablation_pass, calls, jobs)
     rows, answered = [], {}
-    for (name, plan), path in zip(tasks, paths):
+    for (name, layer, role, plan), path in zip(tasks, paths):
         store = FeatureStore.open(path)
         after = store.table().rename(columns={"question_id": "distinct_id", "correct": "correct_after", "parsed": "parsed_after"})
         after = after[["distinct_id", "correct_after", "parsed_after"]]
-        answered[(name, plan["condition"], plan["k"], plan["draw"])] = after
-        keys = {"model": features[name].model, "layer": layers[name], "position": position,
+        answered[(name, layer, role, plan["condition"], plan["k"], plan["draw"])] = after
+        keys = {"model": features[name].model, "layer": layer, "layer_role": role, "position": position,
                 **{k: v for k, v in plan.items() if k != "dims"}, "dims": ",".join(map(str, plan["dims"]))}
         for row in changes.accuracy_changes(features[name].table, after, sorted(features[name].table["setting"].unique()),
                                             n_boot=n_boot, seed=seed):
             rows.append({**keys, **row, "n_error_rows": store.n_errors})
     differences = []
-    for (name, condition, k, _), after in answered.items():
-        control = answered.get((name, "random", k, 0))
+    for (name, layer, role, condition, k, _), after in answered.items():
+        control = answered.get((name, layer, role, "random", k, 0))
         if condition == "top" and control is not None:
-            differences.append({"model": features[name].model, "layer": layers[name], "condition": "top", "versus": "random",
-                                "k": k, **changes.condition_difference(features[name].table, after, control, n_boot=n_boot, seed=seed)})
+            differences.append({"model": features[name].model, "layer": layer, "layer_role": role, "condition": "top",
+                                "versus": "random", "k": k,
+                                **changes.condition_difference(features[name].table, after, control, n_boot=n_boot, seed=seed)})
     return pd.DataFrame.from_records(rows), pd.DataFrame.from_records(differences), info
 
 

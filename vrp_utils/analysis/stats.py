@@ -52,6 +52,7 @@ __all__ = [
     "Estimate",
     "auroc",
     "auroc_difference",
+    "auroc_difference_bootstrap",
     "balanced_accuracy_change",
     "balanced_mean",
     "cluster_bootstrap",
@@ -506,19 +507,47 @@ def auroc_difference(
     if n_pos in (0, n):
         return _undefined(method, n, k, f"only one class: all {n} examples are {'correct' if n_pos else 'wrong'}")
     value = float(roc_auc_score(y, a) - roc_auc_score(y, b))
-    terms_a, terms_b = _auroc_terms(a, y, codes, k), _auroc_terms(b, y, codes, k)
-
-    def replicate(pa, pos, neg, pb, weights):
-        return _auroc_from_terms(pa, pos, neg, weights) - _auroc_from_terms(pb, pos, neg, weights)
-
-    ci = cluster_bootstrap(replicate, [terms_a[0], terms_a[1], terms_a[2], terms_b[0]], np.arange(k),
-                           n_boot=n_boot, seed=seed, confidence=confidence)
+    ci = auroc_difference_bootstrap(np.stack([a, b]), 1, y, groups, n_boot=n_boot, seed=seed, confidence=confidence)[0]
     method = (
         f"AUROC(a) - AUROC(b), same rows (sklearn roc_auc_score); {_bootstrap_text(n_boot, seed, confidence, ci)}, "
         "both AUROCs on each resample; p: two-sided z test of 0 with the bootstrap SE"
     )
     details = {"n_correct": n_pos, "n_wrong": n - n_pos, "bootstrap_se": ci.standard_error}
     return Estimate(value, ci.low, ci.high, method, n, k, _z_test_p(value, 0.0, ci.standard_error), details)
+
+
+def auroc_difference_bootstrap(
+    scores: Any,
+    reference: int,
+    correct: Any,
+    groups: Any,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[BootstrapCI]:
+    """Bootstrap of AUROC(``scores[i]``) - AUROC(``scores[reference]``) for every row i of ``scores`` ``[m, n]``, all
+    on one resampling of images (paired across rows too): one :class:`BootstrapCI` per row, its replicates aligned.
+
+    Why: a choice made across several scores of the same inputs (say, the first layer not worse than the best)
+    is bootstrapped by redoing it on each replicate of the whole vector of differences. Each row's CI equals
+    :func:`auroc_difference` of that pair with the same seed (the draws do not depend on the rows).
+    """
+    _check_bootstrap_options(n_boot, confidence)
+    matrix = np.asarray(scores, dtype=float)
+    if matrix.ndim != 2 or not 0 <= reference < len(matrix):
+        raise ValueError(f"scores must be [m, n] with reference in 0..m-1; got shape {matrix.shape}, reference {reference}")
+    y = _as_labels("correct", correct)
+    _check_lengths(**{f"scores[{i}]": row for i, row in enumerate(matrix)}, correct=y, groups=groups)
+    codes, k = _group_codes(groups)
+    terms = [_auroc_terms(row, y, codes, k) for row in matrix]
+
+    def differences(*arrays, weights):
+        aucs = [_auroc_from_terms(pairs, arrays[-2], arrays[-1], weights) for pairs in arrays[:-2]]
+        return [auc - aucs[reference] for auc in aucs]
+
+    return cluster_bootstrap_outputs(differences, len(matrix), [*(t[0] for t in terms), terms[0][1], terms[0][2]],
+                                     np.arange(k), n_boot=n_boot, seed=seed, confidence=confidence)
 
 
 def paired_accuracy_change(
