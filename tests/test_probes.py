@@ -557,6 +557,9 @@ def test_reliability_layer_and_its_ci_find_where_a_signal_appears(first):
     assert (found["layer_ci_low"], found["layer_ci_high"]) == (first, first)
     assert found["relative_depth_ci_low"] == found["relative_depth_ci_high"] == (first + 1) / 6
     assert found["rule"] == P.RELIABILITY_RULE and "percentiles" in found["ci_method"]
+    row, = P.reliability_depth_rows({"m": found})
+    assert (row["model"], row["layer"], row["n_layers"]) == ("m", first, 6)
+    assert row["value"] == row["ci_low"] == row["ci_high"] == (first + 1) / 6
     # the differences from precomputed scores equal those computed afresh
     pd.testing.assert_frame_equal(differences, P.layer_differences(features, best, folds=4, seeds=2, n_boot=200))
 

@@ -694,6 +694,14 @@ def reliability_layer(differences: pd.DataFrame, n_layers: int, scores: LayerSco
     raise AssertionError("unreachable: the best layer always qualifies")
 
 
+def reliability_depth_rows(reliability: dict[str, dict]) -> list[dict]:
+    """One row per model: the reliability layer's relative depth [CI], as rows (what the paper-vs-reproduction page
+    reads; ``reliability`` maps model -> :func:`reliability_layer`)."""
+    return [{"model": model, "layer": r["layer"], "n_layers": r["n_layers"], "value": r["relative_depth"],
+             "ci_low": r.get("relative_depth_ci_low"), "ci_high": r.get("relative_depth_ci_high"),
+             "method": r["rule"]} for model, r in reliability.items()]
+
+
 # --------------------------------------------------------------------------------------------------
 # Leakage test
 # --------------------------------------------------------------------------------------------------
