@@ -394,3 +394,8 @@ def test_the_loader_refuses_incomplete_rules(tmp_path, edit, message):
     (tmp_path / "claims.yml").write_text(yaml.safe_dump(data))
     with pytest.raises(pages.ClaimsError, match=message):
         pages.load_claims(tmp_path / "claims.yml")
+
+
+def test_a_bounds_reason_is_shown_with_the_claims_details():
+    whys = pages._whys({"kind": "at most", "bound": 0.8, "bound_why": "the last fifth of the stack", "paper": {}})
+    assert whys == ["bound 0.8: the last fifth of the stack"]

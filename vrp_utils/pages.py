@@ -546,6 +546,8 @@ def _whys(claim: dict) -> list[str]:
     out = []
     if claim.get("margin_why"):
         out.append(f"no-effect margin \u00b1{claim['margin']:g}: {claim['margin_why']}")
+    if claim.get("bound_why"):
+        out.append(f"bound {claim['bound']:g}: {claim['bound_why']}")
     if claim.get("size_margin_why"):
         out.append(f"size margin \u00b1{claim['size_margin']:g}: {claim['size_margin_why']}")
     elif claim.get("size_why"):
