@@ -374,8 +374,11 @@ def test_every_claim_dates_its_rules_and_says_when_set_after_results():
         assert all(isinstance(v, bool) for v in claim["rule_set_after_results"].values()), claim["id"]
         if any(claim["rule_set_after_results"].values()):
             assert claim["rule_history"].strip(), claim["id"]
-    # every size rule was written on 2026-12-04 with the results known, and says so
-    assert all(c["rule_set_after_results"]["size"] for c in claims if c["kind"] != "qualitative")
+    # the size rules of 2026-12-04's first pass were written with the results known, and say so; the depth claims
+    # were declared before a deeper zoo's results, and their history says what they preceded
+    before = [c for c in claims if c["kind"] != "qualitative" and not c["rule_set_after_results"]["size"]]
+    assert {c["id"] for c in before} == {"1d", "3c"}
+    assert all("before any zoo of more than 2 layers" in c["rule_history"] for c in before)
 
 
 @pytest.mark.parametrize("edit, message", [
