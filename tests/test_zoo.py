@@ -373,3 +373,17 @@ def test_evaluation_answers_each_shared_question_once_and_scores_it_per_split(ti
     for name, split in splits.items():  # the same numbers as answering the split on its own
         texts = real_answer(model, processor, adapter, [im.convert("RGB") for im in split["image"]], split["question"])
         assert metrics[name] == pope_metrics(list(split["label"]), [parse_answer(t) for t in texts])
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_branch_init_scale_shrinks_only_the_residual_branch_outputs(name):
+    """zoo_depth_recipe.py's --branch-scale: o_proj and down_proj start at 1/sqrt(2L) of the plain init, nothing else moves."""
+    spec = dataclasses.replace(zoo.ZOO[name], layers=3, vision_steps=0, steps=0)
+    plain, _, _ = zoo.build_untrained(spec)
+    scaled, _, _ = zoo.build_untrained(dataclasses.replace(spec, branch_init_scale=True))
+    plain, scaled = dict(plain.named_parameters()), dict(scaled.named_parameters())
+    branch = [n for n in plain if n.startswith("model.language_model.layers.") and n.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(branch) == 6
+    for n, p in plain.items():
+        expected = p / 6 ** 0.5 if n in branch else p
+        torch.testing.assert_close(scaled[n], expected, rtol=0, atol=1e-7, msg=n)

@@ -81,6 +81,10 @@ class ZooSpec:
     #: location/segmentation tokens). Off where it buys nothing, since rounding changes the weights.
     logits_at_labels_only: bool = False
     weight_decay: float = 0.01
+    #: Start each language-model block's residual-branch outputs (attention ``o_proj``, MLP ``down_proj``)
+    #: at 1/sqrt(2 * layers) of the init std, as GPT-2 does: a deep stack then starts near the identity,
+    #: so the first blocks' question-to-image lookup is not drowned by the later blocks' random outputs.
+    branch_init_scale: bool = False
     hidden: int = 128
     layers: int = 2
     heads: int = 4
@@ -270,7 +274,20 @@ def build_untrained(spec: ZooSpec):
 
     set_seed(spec.seed)
     model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+    if spec.branch_init_scale:
+        scale_residual_branches(model, spec.layers)
     return model, processor, adapter_for(model.config)
+
+
+@torch.no_grad()
+def scale_residual_branches(model, layers: int) -> None:
+    """Multiply every language-model block's ``o_proj`` and ``down_proj`` weights by 1/sqrt(2 * layers)."""
+    scaled = [m for n, m in model.named_modules()
+              if n.startswith("model.language_model.layers.") and n.endswith(("self_attn.o_proj", "mlp.down_proj"))]
+    if len(scaled) != 2 * layers:
+        raise ValueError(f"expected {2 * layers} residual-branch projections, found {len(scaled)}")
+    for module in scaled:
+        module.weight.mul_(1 / math.sqrt(2 * layers))
 
 
 def permute_colours(image: Any, generator: np.random.Generator) -> np.ndarray:
