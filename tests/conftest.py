@@ -10,7 +10,8 @@ Models (seeded, deterministic):
 - ``zoo-llava``, ``zoo-paligemma``, ``zoo-qwen2-vl``: ``build_untrained(ZOO[name])`` (zoo geometry:
   64 px images, 64 / 64 / 16 image tokens, hidden 128, 4 layers, 4 heads).
 - ``paper-llava``, ``paper-paligemma``, ``paper-qwen2_vl``: ``build_family(..., geometry="paper")``
-  (the real checkpoints' image geometry: 576 / 256 / per-image image tokens; hidden 32, 1 layer).
+  (the real checkpoints' image geometry: 576 / 256 / per-image image tokens; hidden 32, 1 layer, not the
+  checkpoints' depth, which ``test_loading.py`` extracts once).
 
 Every model's language-model query and key projections are scaled by :data:`ATTENTION_SHARPNESS`:
 at the random initialisation (std 0.02) attention rows are almost uniform, so a row read at the wrong
@@ -56,7 +57,7 @@ def build_tiny_model(name: str, directory: Path) -> Path:
     if name in zoo.ZOO:
         model, processor, _ = zoo.build_untrained(zoo.ZOO[name])
     elif name.startswith("paper-"):
-        config, processor = build_family(name.removeprefix("paper-"), vocabulary(), geometry="paper")
+        config, processor = build_family(name.removeprefix("paper-"), vocabulary(), geometry="paper", layers=1)
         torch.manual_seed(PAPER_SEED)
         model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -45,7 +46,7 @@ PAPER_CASES = {
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_paper_geometry_round_trip(model_type: str, tmp_path) -> None:
-    save_tiny(model_type, tmp_path, geometry="paper")
+    save_tiny(model_type, tmp_path, geometry="paper", layers=1)  # one layer: the geometry is the point here
     loaded = load_model(tmp_path)
     assert isinstance(loaded, LoadedModel)
     assert loaded.name == tmp_path.name and len(loaded.fingerprint) == 16
@@ -65,6 +66,37 @@ def test_paper_geometry_round_trip(model_type: str, tmp_path) -> None:
     with torch.no_grad():
         logits = loaded.model(**loaded.adapter.model_inputs(inputs)).logits
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_paper_geometry_has_the_checkpoints_depth(model_type: str) -> None:
+    from vrp_utils.models.families import PAPER_LAYERS
+
+    assert PAPER_LAYERS == {"llava": 32, "paligemma": 18, "qwen2_vl": 28}  # the three checkpoints' config.json
+    text = build_family(model_type, WORDS, geometry="paper")[0].get_text_config()
+    assert text.num_hidden_layers == PAPER_LAYERS[model_type] and text.hidden_size == 32
+    assert build_family(model_type, WORDS, geometry="paper", layers=3)[0].get_text_config().num_hidden_layers == 3
+
+
+def test_paper_geometry_llava_extracts_every_layer(tiny_benchmark, tmp_path) -> None:
+    """The CLI's 32-layer LLaVA-1.5 geometry through the extraction engine: 32 layers of 576-token rows stored."""
+    from vrp_utils.data.pope import load_benchmark
+    from vrp_utils.extract.engine import ExtractionSettings
+    from vrp_utils.extract.features import open_or_extract
+    from vrp_utils.paper_geometry import main
+
+    assert main(["llava", str(tmp_path / "paper-llava")]) == 0
+    dataset = load_benchmark("random", tiny_benchmark).select(range(2))
+    store = open_or_extract(str(tmp_path / "paper-llava"), dataset, ExtractionSettings(max_new_tokens=2),
+                            root=tmp_path / "features", progress=False)
+    assert store.n_ok == 2
+    assert store.attention().shape[:2] == (2, 32) and store.attention().shape[-1] == 576
+    assert store.image_token_mask().sum(axis=1).tolist() == [576, 576]
+    for kind in ("last_prompt", "answer_mean"):
+        assert store.hidden(kind=kind).shape == (2, 32, 32)
+        assert np.isfinite(store.hidden(31, kind)).all()
+    first_step = store.attention(31)[:, :, 0]  # [examples, heads, image tokens] at the first answer token
+    assert np.isfinite(first_step).all() and (first_step.sum(axis=-1) > 0).all()
 
 
 def test_zoo_name_and_fingerprint(tmp_path, monkeypatch) -> None:

@@ -621,6 +621,19 @@ def test_z_test_p_is_none_without_a_finite_value_and_positive_se():
     assert S._z_test_p(0.5, 0.5, 0.1) == 1.0
 
 
+def test_no_p_value_from_a_bootstrap_se_of_rounding():
+    # Each image: one right and one wrong answer with the same score, so r is 0 in every resample; computed, it is
+    # rounding (+-1e-17), and a z test of rounding over rounding once reported p = 1e-9 (paper-geometry check).
+    assert S._z_test_p(6.7e-18, 0.0, 1.3e-18) is None and S._z_test_p(0.5 + 1e-16, 0.5, 1e-17) is None
+    assert S._z_test_p(0.02, 0.0, 1e-6) == pytest.approx(0.0)  # a small real SE still gives a p-value
+    rng = np.random.default_rng(0)
+    score = np.repeat(rng.normal(size=12), 2) * np.pi
+    correct = np.tile([1, 0], 12)
+    groups = np.repeat(np.arange(12), 2)
+    estimate = S.point_biserial(score, correct, groups, n_boot=200, seed=0)
+    assert abs(estimate.value) < 1e-12 and estimate.p_value is None
+
+
 def test_scores_may_be_ints_or_bools():
     score, correct, groups = clustered(29, k=12)
     as_int = (score > 0).astype(int)

@@ -308,9 +308,19 @@ def _bootstrap_text(n_boot: int, seed: int, confidence: float, ci: BootstrapCI) 
     return text
 
 
+#: A bootstrap SE at or below this share of the estimate's scale is rounding, not spread: every resample gave the
+#: same value. A random-weight model that answers "yes" to everything, on images whose map does not depend on
+#: the question, has r = 0 exactly in every resample, computed as +-1e-18; a z test would divide rounding by
+#: rounding and call it significant (p = 1e-9 was seen). No p-value then, as for an SE of exactly 0.
+ROUNDING_SE = 1e-12
+
+
 def _z_test_p(value: float, null: float, se: float) -> float | None:
-    """Two-sided normal p-value of ``value`` against ``null`` with the bootstrap standard error."""
-    if not (math.isfinite(value) and math.isfinite(se)) or se <= 0.0:
+    """Two-sided normal p-value of ``value`` against ``null`` with the bootstrap standard error.
+
+    ``None`` where the value or the SE is not finite, or the SE is rounding (:data:`ROUNDING_SE`).
+    """
+    if not (math.isfinite(value) and math.isfinite(se)) or se <= ROUNDING_SE * max(1.0, abs(value), abs(null)):
         return None
     return math.erfc(abs(value - null) / se / math.sqrt(2.0))
 

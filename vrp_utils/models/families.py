@@ -121,6 +121,11 @@ PAPER_GEOMETRY: dict[str, Geometry] = {
     "qwen2_vl": Geometry(image_size=336, patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
 }
 
+#: The real checkpoints' language-model depth (``num_hidden_layers`` of llava-hf/llava-1.5-7b-hf,
+#: google/paligemma-3b-pt-224 and Qwen/Qwen2-VL-7B-Instruct; the paper's released README, PAPER.md [R]).
+#: Paper-geometry models get this depth by default, with a tiny width.
+PAPER_LAYERS: dict[str, int] = {"llava": 32, "paligemma": 18, "qwen2_vl": 28}
+
 #: The real checkpoints' rotary base of the language model (Qwen2-VL's is set for 32k-token contexts).
 CHECKPOINT_ROPE_THETA: dict[str, float] = {"llava": 10_000.0, "paligemma": 10_000.0, "qwen2_vl": 1_000_000.0}
 
@@ -495,7 +500,7 @@ def paper_geometry_config(
     model_type: str,
     vocab_size: int,
     hidden: int = 32,
-    layers: int = 1,
+    layers: int | None = None,
     heads: int = 2,
     *,
     vision_hidden: int = 32,
@@ -503,7 +508,8 @@ def paper_geometry_config(
     vision_heads: int = 2,
     max_positions: int = 4096,
 ) -> PretrainedConfig:
-    """Tiny-width config with the real checkpoint's image geometry (:data:`PAPER_GEOMETRY`) and rotary base.
+    """Tiny-width config with the real checkpoint's image geometry (:data:`PAPER_GEOMETRY`), rotary base and,
+    unless ``layers`` says otherwise, language-model depth (:data:`PAPER_LAYERS`).
 
     Pair with ``build_processor(model_type, words, geometry="paper")``: LLaVA gives
     576 image tokens (24x24), PaliGemma 256 (16x16), Qwen2-VL a per-image grid.
@@ -514,7 +520,7 @@ def paper_geometry_config(
         vocab_size,
         PAPER_GEOMETRY[model_type],
         hidden=hidden,
-        layers=layers,
+        layers=PAPER_LAYERS[model_type] if layers is None else layers,
         heads=heads,
         intermediate=2 * hidden,
         vision_hidden=vision_hidden,
