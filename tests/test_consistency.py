@@ -161,3 +161,31 @@ def test_unknown_signal_names_the_choices_and_probe_signals_wait_for_chapter_03(
         assert signals.REGISTRY[name].available() == built
     for signal in signals.REGISTRY.values():
         assert signal.direction in (-1, 1) and signal.cost in ("greedy", "capture", "sampling_k10", "first_token")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_expected_s_sc_multiclass_equals_enumerating_every_sample_sequence(k):
+    """Against all 3**K sequences of K samples over 3 answers, each weighed by its probability."""
+    import itertools
+
+    probs = np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3], [0.0, 0.4, 0.6]])
+    got = consistency.expected_s_sc_multiclass(probs, k)
+    for row, p in zip(got, probs):
+        brute = 0.0
+        for seq in itertools.product(range(3), repeat=k):
+            brute += np.prod(p[list(seq)]) * np.bincount(seq, minlength=3).max() / k
+        assert row == pytest.approx(brute, abs=1e-12)
+
+
+def test_expected_s_sc_multiclass_with_two_classes_is_the_binomial_one():
+    q = np.array([0.0, 0.2, 0.5, 0.77, 1.0])
+    for k in (1, 4, 10):
+        np.testing.assert_allclose(consistency.expected_s_sc_multiclass(np.column_stack([q, 1 - q]), k), consistency.expected_s_sc(q, k),
+                                   atol=1e-12)
+
+
+def test_expected_s_sc_multiclass_refuses_a_row_that_is_not_a_distribution():
+    with pytest.raises(ValueError, match="probability distribution"):
+        consistency.expected_s_sc_multiclass(np.array([[0.5, 0.6]]), 3)
+    with pytest.raises(ValueError, match="at least 1"):
+        consistency.expected_s_sc_multiclass(np.array([[0.5, 0.5]]), 0)

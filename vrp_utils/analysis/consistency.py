@@ -21,6 +21,7 @@ Declared before any result (issue 14):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -132,6 +133,29 @@ def expected_s_sc(q: np.ndarray, k: int) -> np.ndarray:
     x = np.arange(k + 1)
     pmf = scipy.stats.binom.pmf(x[None, :], k, np.clip(q, 0, 1)[:, None])
     return np.round((pmf * np.maximum(x, k - x)[None, :]).sum(1) / k, 12)
+
+
+def expected_s_sc_multiclass(probs: np.ndarray, k: int) -> np.ndarray:
+    """E[max_j X_j] / K for X ~ Multinomial(K, p), per input: the S_SC of K samples whose answer classes have
+    probabilities ``probs`` ``[inputs, classes]`` (rows sum to 1), e.g. counts decided by their first token.
+
+    Exact: a sum over every composition of K into the classes (scipy's multinomial pmf); with two classes it is
+    :func:`expected_s_sc` of q = p_0. Rounded to 12 decimals as that function is (ranking statistics read float noise).
+    """
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or probs.shape[1] < 1:
+        raise ValueError(f"probs must be [inputs, classes]; got shape {probs.shape}")
+    if k < 1:
+        raise ValueError(f"K must be at least 1; got {k}")
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-9) or (probs < 0).any():
+        raise ValueError("each row of probs must be a probability distribution (non-negative, summing to 1)")
+    classes = probs.shape[1]
+    # every composition of k into `classes` non-negative parts (stars and bars)
+    bars = np.array(list(itertools.combinations(range(k + classes - 1), classes - 1)), dtype=int).reshape(-1, classes - 1)
+    edges = np.column_stack([np.full(len(bars), -1), bars, np.full(len(bars), k + classes - 1)])
+    counts = np.diff(edges, axis=1) - 1
+    pmf = np.stack([scipy.stats.multinomial.pmf(counts, k, row) for row in probs])
+    return np.round((pmf * counts.max(axis=1)[None, :]).sum(axis=1) / k, 12)
 
 
 def limit_s_sc(q: np.ndarray) -> np.ndarray:
