@@ -130,13 +130,14 @@ def test_entropy_changes_are_paired_differences_of_each_input_for_every_step_and
     table = att.entropy_by_layer([mm], ["random", "popular"], n_boot=50)
     mine = table[table["model"] == "d3"]
     steps = mine[mine["quantity"] == "delta_entropy_mean"]
-    # every consecutive step of the store's 4 layers, then 0 -> 3; each in every scope
+    # every consecutive step of the store's 4 layers, then 0 -> 3 and the middle layer (1) -> 3; each in every scope
     assert sorted(set(zip(steps["span"], steps["from_layer"], steps["to_layer"]))) == [
-        ("consecutive", 0, 1), ("consecutive", 1, 2), ("consecutive", 2, 3), ("first_to_last", 0, 3)]
+        ("consecutive", 0, 1), ("consecutive", 1, 2), ("consecutive", 2, 3), ("first_to_last", 0, 3),
+        ("middle_to_last", 1, 3)]
     assert set(steps["scope"]) == {"random", "popular", "distinct"}
     assert (mine.loc[mine["quantity"] == "entropy", "layer"].tolist() == [0, 1, 2, 3])
     distinct = mm.frame.drop_duplicates("distinct_id")
-    for span, start, stop in (("consecutive", 1, 2), ("first_to_last", 0, 3)):
+    for span, start, stop in (("consecutive", 1, 2), ("first_to_last", 0, 3), ("middle_to_last", 1, 3)):
         by_hand = [distinct[f"entropy@{stop}"].iloc[i] - distinct[f"entropy@{start}"].iloc[i] for i in range(len(distinct))]
         where = (mine["span"] == span) & (mine["from_layer"] == start) & (mine["scope"] == "distinct")
         mean = mine[where & (mine["quantity"] == "delta_entropy_mean")].iloc[0]
@@ -145,15 +146,16 @@ def test_entropy_changes_are_paired_differences_of_each_input_for_every_step_and
         rpb = mine[where & (mine["quantity"] == "delta_entropy_rpb")].iloc[0]
         assert rpb["value"] == pytest.approx(scipy.stats.pointbiserialr(distinct["correct"], by_hand).statistic, abs=1e-12)
     pooled = table[table["model"] == "pooled"]
-    assert len(pooled) == 2 * 4 and set(pooled["scope"]) == {"pooled"}
+    assert len(pooled) == 2 * 5 and set(pooled["scope"]) == {"pooled"}
 
 
 def test_pooled_entropy_changes_take_the_common_steps_and_each_models_own_first_to_last():
     shallow, deep = _deep(1, 2, "two"), _deep(2, 4, "four")
     table = att.entropy_by_layer([shallow, deep], ["random"], n_boot=50)
     pooled = table[(table["model"] == "pooled") & (table["quantity"] == "delta_entropy_mean")]
-    assert pooled["span"].tolist() == ["consecutive", "first_to_last"] and pooled["from_layer"].tolist() == [0, 0]
-    assert pooled["to_layer"].tolist() == [1, None]  # no one last layer for models of different depth
+    assert pooled["span"].tolist() == ["consecutive", "first_to_last", "middle_to_last"]
+    assert pooled["from_layer"].tolist() == [0, 0, None]  # no one middle layer for models of different depth
+    assert pooled["to_layer"].tolist() == [1, None, None]  # nor one last layer
     own = np.concatenate([(m.frame.drop_duplicates("distinct_id")[f"entropy@{m.n_layers - 1}"]
                            - m.frame.drop_duplicates("distinct_id")["entropy@0"]).to_numpy() for m in (shallow, deep)])
     assert pooled.iloc[1]["value"] == pytest.approx(own.mean(), abs=1e-12)
@@ -190,6 +192,13 @@ def test_inbox_peak_layer_and_its_interval_equal_explicit_resamples_of_images():
     assert (row["ci_low"], row["ci_high"]) == (int(np.floor(np.percentile(peaks, 2.5))), int(np.ceil(np.percentile(peaks, 97.5))))
     assert (gap["ci_low"], gap["ci_high"]) == pytest.approx((np.percentile(gaps, 2.5), np.percentile(gaps, 97.5)), abs=1e-12)
     assert set(table["outcome"]) == {"all", "correct", "wrong"}
+    depth = table[(table["outcome"] == "all") & (table["quantity"] == "peak_relative_depth")].iloc[0]
+    assert (depth["value"], depth["ci_low"], depth["ci_high"]) == tuple((v + 1) / 3 for v in (row["value"], row["ci_low"], row["ci_high"]))
+
+
+@pytest.mark.parametrize("n_layers, middle", [(2, 0), (3, 1), (6, 2), (18, 8), (28, 13), (32, 15)])
+def test_the_middle_layer_is_the_last_of_the_first_half(n_layers, middle):
+    assert att.middle_layer(n_layers) == middle
 
 
 def test_peak_statistics_pick_the_earliest_of_tied_layers_and_mark_empty_resamples_undefined():

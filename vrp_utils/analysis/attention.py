@@ -209,15 +209,23 @@ def inbox_summary(models: Sequence[ModelMetrics], settings: Sequence[str], n_boo
     return pd.DataFrame.from_records(rows)
 
 
+def middle_layer(n_layers: int) -> int:
+    """The layer "late" is counted from (claim 6b: attention diffuses late): (L - 1) // 2, the last of the first half."""
+    return (n_layers - 1) // 2
+
+
 def _entropy_steps(n_layers: int) -> list[tuple[str, int, int]]:
-    """(span, from_layer, to_layer): each consecutive step, then the first layer to the last (from the layer count)."""
+    """(span, from_layer, to_layer): each consecutive step, then the first layer to the last and the middle layer
+    (:func:`middle_layer`) to the last (from the layer count; with 2 layers the two spans are the one step)."""
     steps = [("consecutive", layer - 1, layer) for layer in range(1, n_layers)]
-    return steps + [("first_to_last", 0, n_layers - 1)] if n_layers >= 2 else steps
+    if n_layers < 2:
+        return steps
+    return steps + [("first_to_last", 0, n_layers - 1), ("middle_to_last", middle_layer(n_layers), n_layers - 1)]
 
 
 def _delta_column(span: str, start: int, stop: int) -> str:
-    # first_to_last gets one name in every model, so models of different depth pool their own first-to-last change
-    return "delta_entropy@first_to_last" if span == "first_to_last" else f"delta_entropy@{start}-{stop}"
+    # the spans to the last layer get one name in every model, so models of different depth pool their own change
+    return f"delta_entropy@{span}" if span in ("first_to_last", "middle_to_last") else f"delta_entropy@{start}-{stop}"
 
 
 def _change_rows(frame: pd.DataFrame, column: str, n_boot: int, seed: int,
@@ -246,8 +254,8 @@ def entropy_by_layer(models: Sequence[ModelMetrics], settings: Sequence[str], n_
     Rows (``quantity``): ``entropy``, each model's mean H_s per layer over its distinct inputs (``span`` "layer");
     ``delta_entropy_mean``, the mean paired change H_s(to_layer) - H_s(from_layer) of one input (nats; negative:
     attention sharpens with depth); ``delta_entropy_rpb``, the R_pb of that change with correctness. Each change is
-    given for every consecutive step (``span`` "consecutive") and from the first layer to the model's last
-    (``first_to_last``), per model (scopes: each setting, and ``distinct``: each input once) and pooled (model and
+    given for every consecutive step (``span`` "consecutive"), from the first layer to the model's last
+    (``first_to_last``) and from its middle layer to its last (``middle_to_last``, :func:`middle_layer`), per model (scopes: each setting, and ``distinct``: each input once) and pooled (model and
     scope ``pooled``: the mean change over every model's distinct inputs; the R_pb on changes z-scored within model x
     setting as :func:`pooled_frame`; consecutive steps over the layers every model has, first-to-last each model's
     own). CIs: bootstrap over images (an image is one cluster across models). ``layer`` repeats ``to_layer``.
@@ -279,7 +287,8 @@ def entropy_by_layer(models: Sequence[ModelMetrics], settings: Sequence[str], n_
         pooled = pooled_frame(extended, columns) if columns else None
         for (span, start, stop), column in zip(shared, columns):
             last = stop if span == "consecutive" or len(depths) == 1 else None  # models of different depth: no one last layer
-            keys = dict(model=POOLED, scope=POOLED, span=span, from_layer=start, to_layer=last, layer=last)
+            first = None if span == "middle_to_last" and len(depths) > 1 else start  # nor one middle layer
+            keys = dict(model=POOLED, scope=POOLED, span=span, from_layer=first, to_layer=last, layer=last)
             rows += _change_rows(distinct_all, column, n_boot, seed, quantities=("delta_entropy_mean",), **keys)
             rows += _change_rows(pooled, column, n_boot, seed, quantities=("delta_entropy_rpb",), **keys)
     return _whole_numbers(pd.DataFrame.from_records(rows), ["from_layer", "to_layer", "layer"])
@@ -314,7 +323,8 @@ def inbox_peak_layer(models: Sequence[ModelMetrics], n_boot: int = 1000, seed: i
 
     On each model's distinct positive inputs (all, answered right, answered wrong): ``quantity`` ``peak_layer``, the
     layer (0 .. n_layers - 1, from the store) whose mean in-box mass is largest, with ``resamples_at_peak`` (how many
-    resamples chose the same layer); ``peak_minus_last``, the mean mass at the peak layer minus at the last layer.
+    resamples chose the same layer); ``peak_minus_last``, the mean mass at the peak layer minus at the last layer;
+    ``peak_relative_depth``, (peak + 1) / n_layers with the peak's whole-layer CI likewise.
     Both come from one :func:`~vrp_utils.analysis.stats.cluster_bootstrap_outputs` resampling of images (method:
     :data:`PEAK_METHOD`).
     """
@@ -329,7 +339,7 @@ def inbox_peak_layer(models: Sequence[ModelMetrics], n_boot: int = 1000, seed: i
                     "last_layer": mm.n_layers - 1, "n": len(part), "n_groups": part["image_file"].nunique(),
                     "method": PEAK_METHOD.format(n_boot=n_boot, seed=seed)}
             if keys["n_groups"] < 2:
-                for quantity in ("peak_layer", "peak_minus_last"):
+                for quantity in ("peak_layer", "peak_minus_last", "peak_relative_depth"):
                     rows.append({**keys, "quantity": quantity, "value": None, "ci_low": None, "ci_high": None,
                                  "undefined": "fewer than 2 images"})
                 continue
@@ -347,6 +357,10 @@ def inbox_peak_layer(models: Sequence[ModelMetrics], n_boot: int = 1000, seed: i
                          "undefined": None})
             rows.append({**keys, "quantity": "peak_minus_last", "value": gap, "ci_low": gap_ci.low, "ci_high": gap_ci.high,
                          "undefined": None})
+            # where in the stack, as the reliability layer is given (claim 6a: visual features fixed early)
+            rows.append({**keys, "quantity": "peak_relative_depth", "value": (peak + 1) / mm.n_layers,
+                         "ci_low": (np.floor(peak_ci.low) + 1) / mm.n_layers,
+                         "ci_high": (np.ceil(peak_ci.high) + 1) / mm.n_layers, "undefined": None})
     return _whole_numbers(pd.DataFrame.from_records(rows), ["resamples_at_peak"])
 
 
