@@ -377,7 +377,7 @@ def test_every_claim_dates_its_rules_and_says_when_set_after_results():
     # the size rules of 2026-12-04's first pass were written with the results known, and say so; the depth claims
     # were declared before a deeper zoo's results, and their history says what they preceded
     before = [c for c in claims if c["kind"] != "qualitative" and not c["rule_set_after_results"]["size"]]
-    assert {c["id"] for c in before} == {"1d", "3c"}
+    assert {c["id"] for c in before} == {"1d", "3c", "6a", "6b"}
     assert all("before any zoo of more than 2 layers" in c["rule_history"] for c in before)
 
 
