@@ -16,7 +16,7 @@ from vrp_utils.verify import TOLERANCES, load_rules, rule_for
 
 REFERENCE = REPO_ROOT / "results" / "reference" / "01_attention.json"
 #: What names a row of chapter 01's result tables (every other field is a measured value).
-IDENTITY = ("model", "setting", "scope", "subset", "layer", "head", "metric", "outcome", "quantity")
+IDENTITY = ("model", "setting", "scope", "subset", "span", "from_layer", "layer", "head", "metric", "outcome", "quantity")
 #: Holm's adjustment runs over every model's tests: one model's family is smaller, so its adjusted p differs.
 NOT_PER_MODEL = {"p_holm"}
 
@@ -33,6 +33,20 @@ def _rows(results: dict, model: str) -> dict[tuple, tuple[str, dict]]:
                 assert key not in rows, f"two rows of {table} share {key}"
                 rows[key] = (f"01_attention/results/{table}/{index}", row)
     return rows
+
+
+def _leaves(row: dict, prefix: str = ""):
+    """``(path, value)`` for every non-dict value of a row, nested fields as ``outer/inner`` (as verify names them)."""
+    for field, value in row.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{field}/")
+        else:
+            yield f"{prefix}{field}", value
+
+
+def test_leaves_name_nested_fields_as_verify_does():
+    assert list(_leaves({"value": 1.0, "envelope": {"ci_low": -0.1, "n": 3}})) == [
+        ("value", 1.0), ("envelope/ci_low", -0.1), ("envelope/n", 3)]
 
 
 @pytest.mark.built
@@ -57,13 +71,14 @@ def test_chapter_01_on_the_portable_kernels_matches_the_reference(tmp_path):
     compared, outside = 0, []
     for key, (name, ref_row) in reference.items():
         new_row = new[key][1]
-        for field, ref in ref_row.items():
+        new_leaves = dict(_leaves(new_row))
+        for field, ref in _leaves(ref_row):
             if field in NOT_PER_MODEL or field in IDENTITY:
                 continue
             quantity = f"{name}/{field}"
             rule = rule_for(quantity, ref, rules)
             assert rule is not None, quantity
-            value = new_row.get(field)
+            value = new_leaves.get(field)
             if rule.kind == "ignore":
                 continue
             compared += 1
