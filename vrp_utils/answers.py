@@ -23,6 +23,8 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from vrp_utils.analysis.attention import DEPTH_FOR_TREND
+
 POOLED = "pooled"
 
 
@@ -173,8 +175,6 @@ def attention(results: dict, margin: float = 0.1) -> str:
     return text
 
 
-#: Fewer language-model layers than this: one step of depth, read as no trend (as ``attention.DEPTH_FOR_TREND``).
-DEPTH_FOR_TREND = 3
 
 
 def _depth(results: dict) -> str:
@@ -357,7 +357,7 @@ def probes(results: dict) -> str:
         text += "No paired comparison with the controls was published in this run. "
     where = {m: r for m, r in (results.get("reliability_layer") or {}).items() if m in models}
     if where:
-        shallow = min(r["n_layers"] for r in where.values()) < 3
+        shallow = min(r["n_layers"] for r in where.values()) < DEPTH_FOR_TREND
         text += ("The reliability layer (the first layer whose probe is not worse than the best layer's, by the paired "
                  "difference; 95% CI of its relative depth from one paired image bootstrap of all layers) is "
                  + "; ".join(f"{m} layer {r['layer']} of {r['n_layers']} (relative depth {r['relative_depth']:.2f}"
