@@ -227,18 +227,23 @@ def test_whitened_patch_embedding_gives_decorrelated_unit_features(name, tiny_ex
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_stage_one_skips_resizing_only_when_it_changes_nothing(name, tiny_examples):
-    """The benchmark's images are the zoo's input size: unresized pixels equal resized ones; other or mixed sizes resize."""
+    """Images at the zoo's input size skip resizing (unresized pixels equal resized ones); the benchmark's
+    64 px images, other or mixed sizes resize (zoo v2 reads 96 px)."""
     import numpy as np
 
-    _, processor, _ = zoo.build_untrained(zoo.ZOO[name])
-    arrays = [np.asarray(image) for image in tiny_examples.images]
-    assert zoo.resize_is_identity(processor, arrays)
-    resized = processor.image_processor(arrays, return_tensors="pt")
-    kept = processor.image_processor(arrays, return_tensors="pt", do_resize=False)
+    spec = zoo.ZOO[name]
+    _, processor, _ = zoo.build_untrained(spec)
+    native = [np.asarray(image.resize((spec.image_size, spec.image_size))) for image in tiny_examples.images]
+    assert zoo.resize_is_identity(processor, native)
+    resized = processor.image_processor(native, return_tensors="pt")
+    kept = processor.image_processor(native, return_tensors="pt", do_resize=False)
     assert all(torch.equal(resized[k], kept[k]) for k in resized)
+    benchmark = [np.asarray(image) for image in tiny_examples.images]
+    assert benchmark[0].shape[0] != spec.image_size
+    assert not zoo.resize_is_identity(processor, benchmark)
     smaller = [np.asarray(image.resize((48, 48))) for image in tiny_examples.images[:2]]
     assert not zoo.resize_is_identity(processor, smaller)
-    assert not zoo.resize_is_identity(processor, arrays[:1] + smaller[:1])
+    assert not zoo.resize_is_identity(processor, native[:1] + smaller[:1])
 
 
 # ------------------------------------------------------------------------------- stage 2 pieces
