@@ -341,6 +341,32 @@ def test_pseudo_r2_near_zero_on_noise_and_high_when_feature_decides():
     assert est.details["log_likelihood_model"] > est.details["log_likelihood_null"]
 
 
+def test_grouped_folds_cache_returns_the_splitters_folds_and_owned_copies():
+    """The cache keys on every input: the same call gives StratifiedGroupKFold's own folds; another label, image,
+    fold count or seed gives its own; a caller that writes into the result cannot change the next call's."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rng = np.random.default_rng(5)
+    groups = np.repeat([f"img{i:03d}" for i in range(60)], 3)
+    correct = rng.random(groups.size) < 0.6
+
+    def fresh(y, g, folds, seed):
+        fold = np.full(len(y), -1)
+        codes = np.unique(g, return_inverse=True)[1]
+        for i, (_, test) in enumerate(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(np.zeros((len(y), 1)), y, codes)):
+            fold[test] = i
+        return fold
+
+    first = grouped_folds(correct, groups, folds=5, seed=7)
+    first[:] = 99
+    assert np.array_equal(grouped_folds(correct, groups, folds=5, seed=7), fresh(correct, groups, 5, 7))
+    flipped = correct.copy()
+    flipped[:30] = ~flipped[:30]
+    renamed = np.where(groups == "img000", "img001", groups)
+    for y, g, folds, seed in ((flipped, groups, 5, 7), (correct, renamed, 5, 7), (correct, groups, 4, 7), (correct, groups, 5, 8)):
+        assert np.array_equal(grouped_folds(y, g, folds=folds, seed=seed), fresh(y, g, folds, seed))
+
+
 def test_grouped_folds_never_split_an_image():
     _, correct, groups = clustered(12, k=40)
     fold = grouped_folds(correct, groups, folds=5, seed=3)
