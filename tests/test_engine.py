@@ -47,6 +47,7 @@ from vrp_utils.extract.engine import (
     store_settings,
 )
 from vrp_utils.extract.store import COMPLETE_FILE, FeatureStore, StaleStoreError
+from vrp_utils.models.zoo import ZOO
 
 torch.set_num_threads(1)
 
@@ -54,8 +55,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The tiny models built by ``conftest.py`` (``tiny_loaded(name)``).
 ZOO_MODELS = ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")
 PAPER_MODELS = ("paper-llava", "paper-paligemma", "paper-qwen2_vl")
-#: float16 keeps 11 significant bits (relative error <= 2**-11); the float32 capture itself is ~1e-6 off eager.
-ATTENTION_RTOL, ATTENTION_ATOL = 1e-3, 1e-6
+#: float16 keeps 11 significant bits (relative error <= 2**-11); the float32 capture itself is ~1e-6 off eager
+#: at the first layer, and sdpa's and eager's float32 residual streams drift apart with depth: measured up to
+#: 1.2e-3 relative at layer 5 of the 6-layer zoo (under 1e-3 with 2 layers), so two float16 steps and a half.
+#: Absolute floor 1e-5: a row over ~160 keys holds values near 6e-3, so 1e-5 is a sixth of a percent of one.
+ATTENTION_RTOL, ATTENTION_ATOL = 2e-3, 1e-5
+#: A row read one position late must differ from the right one by a tenth of the row's largest value.
+SHIFT_MARGIN = 0.1
 #: float32, two summation orders (cached incremental decoding vs one full forward): measured up to 2e-5
 #: on the zoo's configs (their language models start at weight std 0.08, so logits are a few times larger).
 FLOAT_TOL = 1e-4
@@ -263,8 +269,10 @@ def test_image_positions_from_input_ids(case: Case):
         # The rows are read at exactly those positions: they match eager there, and not one position later.
         stored = arrays["attention"][:, :, 0].astype(np.float32)
         _assert_close(stored, ref.attention[:, :, 0], ATTENTION_RTOL, ATTENTION_ATOL, f"{case.name} prefill rows vs eager")
-        assert np.abs(stored - ref.attention_shifted[:, :, 0].numpy()).max() > 100 * ATTENTION_RTOL * stored.max(), label
-    expected = {"llava": 64, "paligemma": 64}.get(case.loaded.model.config.model_type)
+        assert np.abs(stored - ref.attention_shifted[:, :, 0].numpy()).max() > SHIFT_MARGIN * stored.max(), label
+    spec = ZOO[case.name.split("+")[0]] if case.name.startswith("zoo-") else None  # conftest builds zoo-* from its spec
+    side = spec.image_size // spec.patch_size if spec else 0
+    expected = {"llava": side * side, "paligemma": side * side}.get(case.loaded.model.config.model_type)
     if case.name.startswith("paper-"):
         expected = {"llava": 576, "paligemma": 256}.get(case.loaded.model.config.model_type)
     if expected is None:  # Qwen2-VL: the grid follows the image size, so the batch is ragged

@@ -16,6 +16,7 @@ from vrp_utils import plots
 from vrp_utils.analysis import gallery, masking
 from vrp_utils.analysis.geometry import pixel_mask, token_boxes
 from vrp_utils.extract.features import open_features
+from vrp_utils.models.zoo import ZOO
 
 
 def _table(n: int = 40) -> pd.DataFrame:
@@ -78,8 +79,10 @@ def test_attention_gallery_draws_the_adapters_token_boxes(name, tiny_model_dir, 
                 ((drawn[:, 2] - drawn[:, 0]) * (drawn[:, 3] - drawn[:, 1])).sum())
             objects = [p for p in ax.patches if p.get_gid() == "object"]
             assert len(objects) == len(ex["object_boxes"]) and (len(objects) > 0) == (ex["label"] == "yes")
-        if name == "zoo-qwen2-vl":  # merged 2x2 tokens: 16 px cells of a 64 px image (8 px patches)
-            assert set(np.round(drawn[:, 2] - drawn[:, 0])) == {16.0}
+        if name == "zoo-qwen2-vl":  # merged 2x2 tokens of 8 px patches at the processor's size, drawn on the image
+            spec = ZOO[name]
+            cell = 2 * spec.patch_size * image.size[0] / spec.image_size
+            np.testing.assert_allclose(drawn[:, 2] - drawn[:, 0], cell)
     finally:
         plt.close(figure)
 
