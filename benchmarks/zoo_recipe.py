@@ -58,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect", type=Path, help="only read the cards under this folder")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--offsets", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO), help="only these zoo models")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS), help="only these kernel paths")
     args = parser.parse_args(argv)
     root = args.collect or args.out
     if not args.collect:
-        runs = list(itertools.product(ZOO, args.offsets, KERNELS))
+        runs = list(itertools.product(args.models, args.offsets, args.kernels))
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda run: train(args.out, *run), runs))
     rows = collect(root)
