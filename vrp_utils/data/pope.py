@@ -31,7 +31,7 @@ from vrp_utils.paths import BENCHMARK_DIR
 
 __all__ = [
     "AnswerParseError", "LoadReport", "PopeFormatError", "FEATURES", "load_benchmark", "load_pope",
-    "load_train", "parse_answer", "parse_object", "pope_metrics",
+    "load_train", "parse_answer", "parse_object", "pope_metrics", "first_token_decision", "NEGATION_WORDS",
 ]
 
 ErrorPolicy = Literal["raise", "skip"]
@@ -378,6 +378,35 @@ def parse_answer(text: str, rule: Literal["pope", "strict"] = "pope",
             return None
         raise AnswerParseError(f"answer does not start with yes/no: {text!r}")
     raise ValueError(f"rule must be 'pope' or 'strict', got {rule!r}")
+
+
+#: POPE's negation words (``vrp_utils.data.pope.parse_answer``, rule "pope").
+NEGATION_WORDS = ("No", "no", "not")
+
+
+def first_token_decision(text: str, is_end: bool = False) -> str | None:
+    """What a first answer token decides under POPE's rule: ``"yes"``, ``"no"`` or ``None`` (later tokens decide).
+
+    - the end token: the answer is empty, which POPE's rule reads as yes;
+    - a token holding ``"."``: the first sentence is closed, so its text decides (POPE's rule on it);
+    - a token with a negation word (No/no/not, whole words after POPE's comma removal): no, since POPE's
+      rule reads "no" from a negation anywhere in the first sentence;
+    - anything else, a yes-word included ("Yes", a space, "Maybe"): None. A yes-word does not decide:
+      "Yes" + " not" reads no. Measured: on a random-weight Qwen2-VL at T = 1 counting "Yes" as deciding
+      biased q upward (24 inputs, sum of z^2 = 55.6 on 24 df); these tokens are resolved by sampling.
+
+    A negation token could in principle still be continued into another word ("No" + "pe" = "Nope",
+    with subword vocabularies); how often that happens is measured on the samples
+    (``consistency.decision_violations``), never assumed away.
+    """
+    if is_end:
+        return parse_answer("", rule="pope")
+    if "." in text:
+        return parse_answer(text, rule="pope")
+    words = text.replace(",", "").split(" ")
+    if any(word in NEGATION_WORDS for word in words):
+        return "no"
+    return None
 
 
 def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict[str, float | int]:
