@@ -13,7 +13,9 @@ prompt position, then each generated token fed back during greedy decoding):
   ``parsed`` (the answer's class under the task's rule: presence by ``settings.answer_rule``, ``None``
   where the strict rule finds no yes/no; counting the count in digits, ``None`` for a non-count),
   ``correct`` (the task's rule; False where ``parsed`` is ``None``); ``yes_no_margin``: log P(yes-variants)
-  - log P(no-variants) at the first answer position; per generated token ``token_logprob``,
+  - log P(no-variants) at the first answer position; ``answer_margin``: top-1 minus top-2 logit there
+  (any task: how decided the first answer token is; on a yes/no question whose top two tokens are
+  the yes and the no it is ``|yes_no_margin|``); per generated token ``token_logprob``,
   ``token_entropy`` and ``token_margin`` (top-1 minus top-2 log-probability); ``answer_length``.
 - ``attention`` ``[layers, heads, steps, image_tokens]`` float16: softmax rows over *all* keys,
   gathered at the image tokens (found from ``input_ids`` by the family adapter), for step ``t`` =
@@ -290,6 +292,7 @@ def _records(loaded, images, tasks, settings, generated, logits, generation, gri
             "parsed": get_task(tasks[i]).normalise(text, settings.answer_rule),
             "answer_length": length,
             "yes_no_margin": float(torch.logsumexp(log_probs[i, 0, yes_ids], 0) - torch.logsumexp(log_probs[i, 0, no_ids], 0)),
+            "answer_margin": float(top2[0, 0] - top2[0, 1]),
             "token_logprob": lp.gather(1, chosen[:, None]).squeeze(1).tolist(),
             "token_entropy": (-(lp.exp() * lp).sum(-1)).tolist(),
             "token_margin": (top2[:, 0] - top2[:, 1]).tolist(),
