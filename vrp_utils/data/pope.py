@@ -222,6 +222,20 @@ def _load_boxes(path: Path, on_error: ErrorPolicy, report: LoadReport) -> dict[s
     return boxes
 
 
+def _start_loading(questions: str | Path, image_dir: str | Path, on_error: ErrorPolicy, setting: str | None,
+                   kind: str) -> tuple[Path, Path, str, LoadReport]:
+    """What every question-file loader checks first (the policy, the file, the image folder), with the file's
+    setting (given, else :func:`_infer_setting`) and its empty report."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    questions, image_dir = Path(questions), Path(image_dir)
+    if not questions.is_file():
+        raise FileNotFoundError(f"{kind} question file not found: {questions}")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{kind} image folder not found: {image_dir}")
+    return questions, image_dir, setting if setting is not None else _infer_setting(questions), LoadReport(questions)
+
+
 @overload
 def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | None = ...,
               on_error: ErrorPolicy = ..., setting: str | None = ...,
@@ -250,15 +264,7 @@ def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | 
     With ``on_error="skip"`` the :class:`LoadReport` counts question rows and boxes rows apart, and
     its summary names each file with its own counts.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    questions, image_dir = Path(questions), Path(image_dir)
-    if not questions.is_file():
-        raise FileNotFoundError(f"POPE question file not found: {questions}")
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"POPE image folder not found: {image_dir}")
-    setting = setting if setting is not None else _infer_setting(questions)
-    report = LoadReport(questions)
+    questions, image_dir, setting, report = _start_loading(questions, image_dir, on_error, setting, "POPE")
     box_map = _load_boxes(Path(boxes), on_error, report) if boxes is not None else None
     image_status: dict[str, str | None] = {}
     seen_ids: dict[int, int] = {}  # question_id -> line of the loaded row
