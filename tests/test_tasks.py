@@ -5,6 +5,8 @@
 - what a first token decides under the counting rule (``"none"`` or open), by a table of cases;
 - the answer margin (top-1 minus top-2 logit at the first answer token) equals |yes-no margin| when yes and no
   are the top two tokens (lifted there by a hook on the output layer) and differs where they are not;
+- the exact S_SC limit through class probabilities: for presence the multinomial equals today's binomial of q;
+  for counting it is the multinomial of the class probabilities, which match the sampled class frequencies.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -19,7 +22,7 @@ from vrp_utils.analysis import consistency
 from vrp_utils.data.counts import can_become_count, count_correct, first_token_count
 from vrp_utils.data.pope import load_benchmark, parse_answer
 from vrp_utils.data.tasks import TASKS, get_task, task_rules
-from vrp_utils.extract.engine import ExtractionSettings, Intervention, extract
+from vrp_utils.extract.engine import ExtractionSettings, Intervention, extract, run_batch
 
 torch.set_num_threads(1)
 ZOO_MODELS = ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")
@@ -112,3 +115,64 @@ def test_answer_margin_is_the_yes_no_margin_when_yes_and_no_lead(name, tiny_load
     assert others.any(), "yes and no lead every example: the 'differs' half checks nothing"
     gap = (plain["answer_margin"] - plain["yes_no_margin"].abs()).abs().to_numpy()
     assert (gap[others] > 1e-3).all(), gap
+
+
+# ------------------------------------------------------------------------------------- the exact S_SC limit
+def _sampled_frame(loaded, images, questions, tasks, n_samples: int, resolve: int) -> pd.DataFrame:
+    settings = consistency.pool_settings(n_samples, 1.0, 1.0, seed=5)
+    settings = type(settings)(**{**settings.__dict__, "resolve_samples": resolve, "max_new_tokens": 3})
+    records = []
+    for start in range(0, len(images), 8):
+        part = slice(start, start + 8)
+        records += run_batch(loaded, images[part], questions[part], settings, tasks[part]).records
+    frame = pd.DataFrame.from_records(records)
+    frame["task"] = tasks
+    return frame
+
+
+def test_presence_class_probabilities_give_todays_binomial_limit(tiny_loaded, tiny_benchmark):
+    split = load_benchmark("random", tiny_benchmark).select(range(12))
+    images = [row["image"].convert("RGB") for row in split]
+    frame = _sampled_frame(tiny_loaded("zoo-qwen2-vl"), images, list(split["question"]), ["presence"] * 12, 10, 8)
+    q = consistency.exact_q(frame)["q"].to_numpy()
+    probs = consistency.class_probs(frame)
+    assert all(set(p) <= {"yes", "no"} for p in probs)
+    matrix = np.array([[p.get("yes", 0.0), p.get("no", 0.0)] for p in probs])
+    np.testing.assert_allclose(matrix[:, 0], q, atol=1e-12)
+    assert ((q > 0) & (q < 1)).any(), q  # not every input certain
+    for k in (1, 2, 5, 10, 20):
+        np.testing.assert_allclose(consistency.expected_s_sc_multiclass(matrix, k), consistency.expected_s_sc(q, k), atol=1e-12)
+    out = consistency.consistency_frame(frame.assign(distinct_id=range(12), image_file="", label="yes", object="",
+                                                     parsed="yes", correct=True, pool_greedy_answer=frame["answer"]),
+                                        5, [1, 5])
+    np.testing.assert_array_equal(out["s_sc_expected"], consistency.expected_s_sc(q, 5))  # presence: the binomial itself
+    np.testing.assert_array_equal(out["s_sc_limit"], consistency.limit_s_sc(q))
+
+
+def test_counting_limit_is_the_multinomial_of_class_probabilities_that_match_the_samples(tiny_loaded, tiny_benchmark):
+    images = [p for p in sorted((tiny_benchmark / "images").glob("eval_*.png"))]
+    from PIL import Image
+
+    pictures = [Image.open(p).convert("RGB") for p in images for _ in range(2)]
+    questions = [f"How many {o} are there in the image?" for _ in images for o in ("bananas", "trees")]
+    n = 300
+    frame = _sampled_frame(tiny_loaded("count-llava"), pictures, questions, ["counting"] * len(questions), n, n)
+    assert {d for ds in frame["nucleus_decision"] for d in ds} <= {"none", "open"}  # a count token never decides
+    probs = consistency.class_probs(frame)
+    classes = {c for p in probs for c in p}
+    assert classes - {"none"} and classes <= {"none", *map(str, range(21))}, classes
+    for p, sampled in zip(probs, frame["sample_parsed"]):
+        assert sum(p.values()) == pytest.approx(1.0, abs=1e-6)  # float32 softmax probabilities
+        freq = pd.Series(sampled).value_counts(normalize=True)
+        for name in set(p) | set(freq.index):
+            expected, got = p.get(name, 0.0), freq.get(name, 0.0)
+            # the sample frequency and the resolve rows are two independent draws of n each
+            se = np.sqrt(2 * max(expected * (1 - expected), 1e-3) / n)
+            assert abs(got - expected) < 4.5 * se, (name, got, expected)
+    out = consistency.consistency_frame(frame.assign(distinct_id=range(len(frame)), image_file="", label="2", object="",
+                                                     parsed="2", correct=False, pool_greedy_answer=frame["answer"]),
+                                        10, [1, 10])
+    matrix = consistency._as_matrix(probs)
+    np.testing.assert_allclose(out["s_sc_expected"], consistency.expected_s_sc_multiclass(matrix, 10), atol=0)
+    np.testing.assert_allclose(out["s_sc_limit"], [max(p.values()) for p in probs])
+    assert out["q"].isna().all() and (out["expected@1"] == 1.0).all()
