@@ -12,6 +12,8 @@ Models (seeded, deterministic):
 - ``paper-llava``, ``paper-paligemma``, ``paper-qwen2_vl``: ``build_family(..., geometry="paper")``
   (the real checkpoints' image geometry: 576 / 256 / per-image image tokens; hidden 32, 1 layer, not the
   checkpoints' depth, which ``test_loading.py`` extracts once).
+- ``count-llava``, ``count-paligemma``, ``count-qwen2_vl``: the zoo geometry, 2 layers, with a vocabulary that
+  also holds :data:`COUNT_WORDS` (counting questions and their answers, which the zoo's vocabulary lacks).
 
 Every model's language-model query and key projections are scaled by :data:`ATTENTION_SHARPNESS`:
 at the random initialisation (std 0.02) attention rows are almost uniform, so a row read at the wrong
@@ -31,7 +33,11 @@ import torch
 
 ZOO_MODELS = ("zoo-llava", "zoo-paligemma", "zoo-qwen2-vl")
 PAPER_MODELS = ("paper-llava", "paper-paligemma", "paper-qwen2_vl")
-ALL_MODELS = ZOO_MODELS + PAPER_MODELS
+COUNT_MODELS = ("count-llava", "count-paligemma", "count-qwen2_vl")
+ALL_MODELS = ZOO_MODELS + PAPER_MODELS + COUNT_MODELS
+#: Words a counting question and its answers need beyond the benchmark's (digits and number words 0-5).
+COUNT_WORDS = ("how", "many", "are", "apples", "bananas", "trees", "lamps", "zero", "one", "two", "three", "four",
+               "five", "0", "1", "2", "3", "4", "5")
 #: Factor on the LM's q/k projection weights (attention logits scale by its square).
 ATTENTION_SHARPNESS = 4.0
 PAPER_SEED = 21
@@ -58,6 +64,10 @@ def build_tiny_model(name: str, directory: Path) -> Path:
         model, processor, _ = zoo.build_untrained(zoo.ZOO[name])
     elif name.startswith("paper-"):
         config, processor = build_family(name.removeprefix("paper-"), vocabulary(), geometry="paper", layers=1)
+        torch.manual_seed(PAPER_SEED)
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+    elif name.startswith("count-"):
+        config, processor = build_family(name.removeprefix("count-"), [*vocabulary(), *COUNT_WORDS], layers=2)
         torch.manual_seed(PAPER_SEED)
         model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
     else:

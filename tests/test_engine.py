@@ -8,7 +8,7 @@ What is checked against an independent reference (the unchanged model, run by th
   for every layer and head, to float16 precision; NaN after the end token;
 - stored hidden states equal ``output_hidden_states`` of a full forward (block outputs; see the
   last-layer note in :mod:`vrp_utils.extract.engine`);
-- token log-probabilities, entropy, margin and the yes/no margin equal the full forward's logits;
+- token log-probabilities, entropy, margin, the yes/no margin and the answer margin equal the full forward's logits;
   the answer equals plain greedy ``generate`` decoded;
 - a left-padded batch equals one example at a time; a store built with batch size 4 equals one with 1;
 - a run killed with SIGKILL in a subprocess and resumed equals an uninterrupted run;
@@ -337,6 +337,7 @@ def test_generation_dynamics_match_full_forward(case: Case):
         _assert_close(record["token_margin"], top2[:, 0] - top2[:, 1], FLOAT_TOL, FLOAT_TOL, f"{case.name} token_margin")
         margin = torch.logsumexp(log_probs[0, yes], 0) - torch.logsumexp(log_probs[0, no], 0)
         _assert_close(record["yes_no_margin"], margin, FLOAT_TOL, FLOAT_TOL, f"{case.name} yes_no_margin")
+        _assert_close(record["answer_margin"], top2[0, 0] - top2[0, 1], FLOAT_TOL, FLOAT_TOL, f"{case.name} answer_margin")
         answer = tokenizer.decode(ref.tokens[: ref.length], skip_special_tokens=True)
         assert record["answer"] == answer, label
         assert record["answer_length"] == ref.length, label
@@ -344,7 +345,7 @@ def test_generation_dynamics_match_full_forward(case: Case):
 
 
 def test_left_padded_batch_equals_one_at_a_time(case: Case):
-    float_fields = ("yes_no_margin", "token_logprob", "token_entropy", "token_margin")
+    float_fields = ("yes_no_margin", "answer_margin", "token_logprob", "token_entropy", "token_margin")
     for i, single in enumerate(case.singles):
         batched, alone = case.batched.records[i], single.records[0]
         assert set(batched) == set(alone)
@@ -372,7 +373,7 @@ def _compare_stores(a: FeatureStore, b: FeatureStore, exact: bool) -> None:
     for column in ta.columns:
         plain = lambda values: [v.tolist() if isinstance(v, np.ndarray) else v for v in values]  # noqa: E731
         left, right = plain(ta[column]), plain(tb[column])
-        if exact or column not in ("yes_no_margin", "token_logprob", "token_entropy", "token_margin"):
+        if exact or column not in ("yes_no_margin", "answer_margin", "token_logprob", "token_entropy", "token_margin"):
             assert left == right, column
         else:
             for x, y in zip(left, right):

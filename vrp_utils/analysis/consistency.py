@@ -17,11 +17,18 @@ Declared before any result (issue 14):
   resolve rows (continuations of a non-deciding first token drawn from those tokens alone). Examples
   with ``r > 0`` are flagged, with the standard error of that part.
 - **Expected S_SC at K** from q: E[max(X, K - X)] / K with X ~ Binomial(K, q); at K = infinity, max(q, 1 - q).
+
+Any task (issue 25, :mod:`vrp_utils.data.tasks`): parse classes are the task rule's normalised answers
+(counting: the count in digits, or ``"none"``), and q generalises to **class probabilities**: each class
+gets the nucleus mass of the first tokens that decide it under the task's rule, plus the non-deciding mass
+times its share of the resolve rows (:func:`class_probs`). Expected S_SC at K is then E[max_j X_j] / K with
+X ~ Multinomial(K, p) (:func:`expected_s_sc_multiclass`); at K = infinity, max_j p_j. For presence the
+classes are yes and no with p = (q, 1 - q), and the binomial form above is the same number (tested).
 """
 
 from __future__ import annotations
 
-import itertools
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,7 +89,8 @@ def open_samples(features, pool: int, temperature: float, top_p: float, seed: in
     table = store.table().rename(columns={"question_id": "distinct_id"})
     keep = ["distinct_id", "answer", "sample_parsed", "sample_first_token", "resolve_parsed", "nucleus_ids",
             "nucleus_probs", "nucleus_decision"]
-    greedy = features.distinct[["distinct_id", "image_file", "label", "object", "answer", "parsed", "correct"]]
+    greedy = features.distinct[[c for c in ("distinct_id", "image_file", "task", "label", "object", "answer", "parsed",
+                                            "correct") if c in features.distinct.columns]]
     frame = greedy.merge(table[keep].rename(columns={"answer": "pool_greedy_answer"}), on="distinct_id", how="inner",
                          validate="one_to_one")
     frame["correct"] = frame["correct"].astype(bool)
@@ -139,8 +147,11 @@ def expected_s_sc_multiclass(probs: np.ndarray, k: int) -> np.ndarray:
     """E[max_j X_j] / K for X ~ Multinomial(K, p), per input: the S_SC of K samples whose answer classes have
     probabilities ``probs`` ``[inputs, classes]`` (rows sum to 1), e.g. counts decided by their first token.
 
-    Exact: a sum over every composition of K into the classes (scipy's multinomial pmf); with two classes it is
-    :func:`expected_s_sc` of q = p_0. Rounded to 12 decimals as that function is (ranking statistics read float noise).
+    Exact, as sum over m = 1..K of P(max_j X_j >= m) = 1 - P(every X_j <= m - 1), each computed by conditioning
+    class by class (X_j given the earlier ones is binomial on the samples left): O(classes K^3) per input,
+    where summing over every composition of K grows as C(K + classes - 1, classes - 1) (3.1 million at K = 20
+    and 9 classes). With two classes it is :func:`expected_s_sc` of q = p_0. Rounded to 12 decimals as that
+    function is (ranking statistics read float noise).
     """
     probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2 or probs.shape[1] < 1:
@@ -149,19 +160,100 @@ def expected_s_sc_multiclass(probs: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"K must be at least 1; got {k}")
     if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-9) or (probs < 0).any():
         raise ValueError("each row of probs must be a probability distribution (non-negative, summing to 1)")
-    classes = probs.shape[1]
-    # every composition of k into `classes` non-negative parts (stars and bars)
-    bars = np.array(list(itertools.combinations(range(k + classes - 1), classes - 1)), dtype=int).reshape(-1, classes - 1)
-    edges = np.column_stack([np.full(len(bars), -1), bars, np.full(len(bars), k + classes - 1)])
-    counts = np.diff(edges, axis=1) - 1
-    pmf = np.stack([scipy.stats.multinomial.pmf(counts, k, row) for row in probs])
-    return np.round((pmf * counts.max(axis=1)[None, :]).sum(axis=1) / k, 12)
+    n, classes = probs.shape
+    left = np.arange(k + 1)
+    # conditional[:, j]: P(class j | not an earlier class) = p_j / (p_j + ... + p_last); 1 for the last class
+    tail = np.cumsum(probs[:, ::-1], axis=1)[:, ::-1]
+    conditional = np.divide(probs, tail, out=np.zeros_like(probs), where=tail > 0).clip(0, 1)
+    # pmf[:, j, r, x] = P(x of the r samples left fall in class j | they fall in class j or a later one)
+    pmf = scipy.stats.binom.pmf(left[None, None, None, :], left[None, None, :, None], conditional[:, :, None, None])
+    total = np.zeros(n)
+    for most in range(k):  # P(every X_j <= most)
+        state = np.zeros((n, k + 1))  # state[:, r] = P(classes so far each <= most, r samples left)
+        state[:, k] = 1.0
+        for j in range(classes):
+            nxt = np.zeros_like(state)
+            for x in range(min(most, k) + 1):
+                nxt[:, : k + 1 - x] += state[:, x:] * pmf[:, j, x:, x]
+            state = nxt
+        total += 1.0 - state[:, 0]
+    return np.round(total / k, 12)
 
 
 def limit_s_sc(q: np.ndarray) -> np.ndarray:
     """S_SC at K = infinity: max(q, 1 - q)."""
     q = np.asarray(q, dtype=float)
     return np.maximum(q, 1 - q)
+
+
+def class_probs(frame: pd.DataFrame) -> list[dict[str, float]]:
+    """Per input: the probability of each answer class for one sample, from the first token's nucleus.
+
+    A first token that decides a class under the input's task rule (``nucleus_decision``) gives it its
+    probability exactly; the remaining (``"open"``) mass is split by the classes of the resolve rows
+    (``resolve_parsed``), as :func:`exact_q` splits it for presence. Remaining mass without resolve rows
+    gives NaN for every class.
+    """
+    out = []
+    for probs, decisions, resolve in zip(frame["nucleus_probs"], frame["nucleus_decision"], frame["resolve_parsed"]):
+        classes: dict[str, float] = {}
+        remainder = 0.0
+        for p, decision in zip(probs, decisions):
+            if decision == "open":
+                remainder += float(p)
+            else:
+                classes[decision] = classes.get(decision, 0.0) + float(p)
+        if remainder > 0:
+            resolved = Counter(resolve)
+            if not resolved:
+                out.append({name: float("nan") for name in classes or {"none": 0}})
+                continue
+            for name, count in resolved.items():
+                classes[name] = classes.get(name, 0.0) + remainder * count / len(resolve)
+        out.append(classes)
+    return out
+
+
+def _as_matrix(probs: Sequence[dict[str, float]]) -> np.ndarray:
+    """Class dicts -> ``[inputs, classes]`` (each row renormalised against float drift; zero-padded)."""
+    width = max((len(p) for p in probs), default=1)
+    matrix = np.zeros((len(probs), max(width, 1)))
+    for i, p in enumerate(probs):
+        values = np.sort(np.asarray(list(p.values()), dtype=float))[::-1]
+        matrix[i, : len(values)] = values / values.sum() if len(values) else 1.0
+    return matrix
+
+
+def expected_s_sc_by_task(frame: pd.DataFrame, q: np.ndarray, probs: Sequence[dict[str, float]], k: int) -> np.ndarray:
+    """Expected S_SC at ``k`` per input: presence from q (the binomial, :func:`expected_s_sc`), any other task
+    from its class probabilities (the multinomial, :func:`expected_s_sc_multiclass`).
+
+    Why presence keeps the binomial: the same number (tested), computed exactly as every published result was.
+    """
+    presence = _is_presence(frame)
+    out = np.full(len(frame), np.nan)
+    out[presence] = expected_s_sc(np.asarray(q, dtype=float)[presence], k)
+    others = np.flatnonzero(~presence)
+    usable = [i for i in others if not any(np.isnan(v) for v in probs[i].values())]
+    if usable:
+        out[usable] = expected_s_sc_multiclass(_as_matrix([probs[i] for i in usable]), k)
+    return out
+
+
+def limit_s_sc_by_task(frame: pd.DataFrame, q: np.ndarray, probs: Sequence[dict[str, float]]) -> np.ndarray:
+    """S_SC at K = infinity per input: max(q, 1 - q) for presence, the largest class probability otherwise."""
+    presence = _is_presence(frame)
+    largest = np.array([max(p.values(), default=float("nan")) for p in probs], dtype=float)
+    return np.where(presence, limit_s_sc(q), largest)
+
+
+def _is_presence(frame: pd.DataFrame) -> np.ndarray:
+    """Which inputs are presence questions (all, in a frame without a ``task`` column: POPE stores)."""
+    from vrp_utils.data.tasks import DEFAULT_TASK
+
+    if "task" not in frame.columns:
+        return np.ones(len(frame), dtype=bool)
+    return (frame["task"].fillna(DEFAULT_TASK) == DEFAULT_TASK).to_numpy()
 
 
 def decision_violations(frame: pd.DataFrame) -> dict[str, int]:
@@ -180,15 +272,19 @@ def decision_violations(frame: pd.DataFrame) -> dict[str, int]:
 
 def consistency_frame(frame: pd.DataFrame, k: int, k_sweep: Sequence[int]) -> pd.DataFrame:
     """Per input: S_SC at ``k`` and at every K of the sweep (sampled and expected from q), q and its limit."""
-    out = frame[["distinct_id", "image_file", "label", "object", "answer", "parsed", "correct"]].copy()
+    out = frame[[c for c in ("distinct_id", "image_file", "task", "label", "object", "answer", "parsed", "correct")
+                 if c in frame.columns]].copy()
     q = exact_q(frame)
+    presence = _is_presence(frame)
+    q.loc[~presence, ["q", "q_exact_yes", "q_exact_no", "resolve_yes_share", "q_se"]] = np.nan  # P(yes): presence only
     out = pd.concat([out, q], axis=1)
+    probs = class_probs(frame)
     out["s_sc"] = s_sc(frame["sample_parsed"], k)
-    out["s_sc_expected"] = expected_s_sc(out["q"].to_numpy(), k)
-    out["s_sc_limit"] = limit_s_sc(out["q"].to_numpy())
+    out["s_sc_expected"] = expected_s_sc_by_task(frame, out["q"].to_numpy(), probs, k)
+    out["s_sc_limit"] = limit_s_sc_by_task(frame, out["q"].to_numpy(), probs)
     for kk in k_sweep:
         out[f"s_sc@{kk}"] = s_sc(frame["sample_parsed"], kk)
-        out[f"expected@{kk}"] = expected_s_sc(out["q"].to_numpy(), kk)
+        out[f"expected@{kk}"] = expected_s_sc_by_task(frame, out["q"].to_numpy(), probs, kk)
     out["pool_greedy_agrees"] = frame["pool_greedy_answer"].to_numpy() == frame["answer"].to_numpy()
     return out
 

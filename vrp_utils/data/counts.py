@@ -8,6 +8,8 @@ an empty answer) is wrong, and :func:`parse_count` says so by returning ``None``
 
 from __future__ import annotations
 
+import re
+
 NUMBER_WORDS: dict[str, int] = {word: value for value, word in enumerate((
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"))}
@@ -23,6 +25,36 @@ def parse_count(text: str) -> int | None:
     if answer.isascii() and answer.isdigit():
         return int(answer)
     return NUMBER_WORDS.get(answer)
+
+
+#: What may follow the number in a count answer (after leading white space): white space, then at most one
+#: closing ``.`` or ``!`` and white space. Every prefix of such a tail is itself one.
+_TAIL = re.compile(r"\s*(?:[.!]\s*)?")
+
+
+def can_become_count(text: str) -> bool:
+    """Whether some continuation of ``text`` (an answer's beginning) is an answer :func:`parse_count` reads."""
+    head = text.lstrip().casefold()
+    if not head:
+        return True
+    digits = len(head) - len(head.lstrip("0123456789"))
+    if digits:
+        return _TAIL.fullmatch(head[digits:]) is not None
+    return any(word.startswith(head) or (head.startswith(word) and _TAIL.fullmatch(head[len(word):]) is not None)
+               for word in NUMBER_WORDS)
+
+
+def first_token_count(text: str, is_end: bool = False) -> str | None:
+    """What a first answer token decides under the counting rule: ``"none"`` (the answer cannot be a count,
+    whatever follows) or ``None`` (later tokens decide).
+
+    Why a count token never decides: under exact match "2" may still become "2 apples" or "25", so its mass
+    is left to the resolve samples, as POPE's yes-words are (``vrp_utils.extract.sampling``). The end token
+    (an empty answer) and any text no count starts with ("There", "yes", "2a") decide ``"none"``.
+    """
+    if is_end:
+        return "none"
+    return None if can_become_count(text) else "none"
 
 
 def count_correct(text: str, truth: int) -> bool:

@@ -31,7 +31,7 @@ from vrp_utils.paths import BENCHMARK_DIR
 
 __all__ = [
     "AnswerParseError", "LoadReport", "PopeFormatError", "FEATURES", "load_benchmark", "load_pope",
-    "load_train", "parse_answer", "parse_object", "pope_metrics",
+    "load_train", "parse_answer", "parse_object", "pope_metrics", "first_token_decision", "NEGATION_WORDS",
 ]
 
 ErrorPolicy = Literal["raise", "skip"]
@@ -222,6 +222,20 @@ def _load_boxes(path: Path, on_error: ErrorPolicy, report: LoadReport) -> dict[s
     return boxes
 
 
+def _start_loading(questions: str | Path, image_dir: str | Path, on_error: ErrorPolicy, setting: str | None,
+                   kind: str) -> tuple[Path, Path, str, LoadReport]:
+    """What every question-file loader checks first (the policy, the file, the image folder), with the file's
+    setting (given, else :func:`_infer_setting`) and its empty report."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    questions, image_dir = Path(questions), Path(image_dir)
+    if not questions.is_file():
+        raise FileNotFoundError(f"{kind} question file not found: {questions}")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{kind} image folder not found: {image_dir}")
+    return questions, image_dir, setting if setting is not None else _infer_setting(questions), LoadReport(questions)
+
+
 @overload
 def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | None = ...,
               on_error: ErrorPolicy = ..., setting: str | None = ...,
@@ -250,15 +264,7 @@ def load_pope(questions: str | Path, image_dir: str | Path, boxes: str | Path | 
     With ``on_error="skip"`` the :class:`LoadReport` counts question rows and boxes rows apart, and
     its summary names each file with its own counts.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    questions, image_dir = Path(questions), Path(image_dir)
-    if not questions.is_file():
-        raise FileNotFoundError(f"POPE question file not found: {questions}")
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"POPE image folder not found: {image_dir}")
-    setting = setting if setting is not None else _infer_setting(questions)
-    report = LoadReport(questions)
+    questions, image_dir, setting, report = _start_loading(questions, image_dir, on_error, setting, "POPE")
     box_map = _load_boxes(Path(boxes), on_error, report) if boxes is not None else None
     image_status: dict[str, str | None] = {}
     seen_ids: dict[int, int] = {}  # question_id -> line of the loaded row
@@ -378,6 +384,35 @@ def parse_answer(text: str, rule: Literal["pope", "strict"] = "pope",
             return None
         raise AnswerParseError(f"answer does not start with yes/no: {text!r}")
     raise ValueError(f"rule must be 'pope' or 'strict', got {rule!r}")
+
+
+#: POPE's negation words (``vrp_utils.data.pope.parse_answer``, rule "pope").
+NEGATION_WORDS = ("No", "no", "not")
+
+
+def first_token_decision(text: str, is_end: bool = False) -> str | None:
+    """What a first answer token decides under POPE's rule: ``"yes"``, ``"no"`` or ``None`` (later tokens decide).
+
+    - the end token: the answer is empty, which POPE's rule reads as yes;
+    - a token holding ``"."``: the first sentence is closed, so its text decides (POPE's rule on it);
+    - a token with a negation word (No/no/not, whole words after POPE's comma removal): no, since POPE's
+      rule reads "no" from a negation anywhere in the first sentence;
+    - anything else, a yes-word included ("Yes", a space, "Maybe"): None. A yes-word does not decide:
+      "Yes" + " not" reads no. Measured: on a random-weight Qwen2-VL at T = 1 counting "Yes" as deciding
+      biased q upward (24 inputs, sum of z^2 = 55.6 on 24 df); these tokens are resolved by sampling.
+
+    A negation token could in principle still be continued into another word ("No" + "pe" = "Nope",
+    with subword vocabularies); how often that happens is measured on the samples
+    (``consistency.decision_violations``), never assumed away.
+    """
+    if is_end:
+        return parse_answer("", rule="pope")
+    if "." in text:
+        return parse_answer(text, rule="pope")
+    words = text.replace(",", "").split(" ")
+    if any(word in NEGATION_WORDS for word in words):
+        return "no"
+    return None
 
 
 def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict[str, float | int]:

@@ -9,9 +9,13 @@ call the model again, except interventions (masking, sampling), which come back 
 What is recorded, per example (queries are the positions that *produce* answer tokens: the last
 prompt position, then each generated token fed back during greedy decoding):
 
-- ``answer``, ``parsed`` (``settings.answer_rule``; ``None`` where the strict rule finds no yes/no),
-  ``correct`` (False where ``parsed`` is ``None``); ``yes_no_margin``: log P(yes-variants) -
-  log P(no-variants) at the first answer position; per generated token ``token_logprob``,
+- ``task`` (the row's, :mod:`vrp_utils.data.tasks`; rows without one are ``presence``), ``answer``,
+  ``parsed`` (the answer's class under the task's rule: presence by ``settings.answer_rule``, ``None``
+  where the strict rule finds no yes/no; counting the count in digits, ``None`` for a non-count),
+  ``correct`` (the task's rule; False where ``parsed`` is ``None``); ``yes_no_margin``: log P(yes-variants)
+  - log P(no-variants) at the first answer position; ``answer_margin``: top-1 minus top-2 logit there
+  (any task: how decided the first answer token is; on a yes/no question whose top two tokens are
+  the yes and the no it is ``|yes_no_margin|``); per generated token ``token_logprob``,
   ``token_entropy`` and ``token_margin`` (top-1 minus top-2 log-probability); ``answer_length``.
 - ``attention`` ``[layers, heads, steps, image_tokens]`` float16: softmax rows over *all* keys,
   gathered at the image tokens (found from ``input_ids`` by the family adapter), for step ``t`` =
@@ -42,6 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm  # plain text bars: tqdm.auto would ask notebooks for ipywidgets
 
+from vrp_utils.data.tasks import DEFAULT_TASK, get_task, task_rules
 from vrp_utils.extract.attention import AttentionCaptureError, AttentionRecorder
 from vrp_utils.extract.store import DEFAULT_CHUNK_SIZE, FeatureStore, store_path
 from vrp_utils.paths import STORE_DIR
@@ -75,7 +80,8 @@ def answer_rules() -> tuple[str, ...]:
 class ExtractionSettings:
     """What one pass records and how (part of the store's identity).
 
-    ``answer_rule`` is a rule of :func:`vrp_utils.data.pope.parse_answer` (see :func:`answer_rules`):
+    ``answer_rule`` is a rule of :func:`vrp_utils.data.pope.parse_answer` (see :func:`answer_rules`) for
+    presence questions (other tasks have one rule each, :mod:`vrp_utils.data.tasks`):
     ``"pope"`` (the official rule: every text parses, to yes or no) or ``"strict"`` (the first word
     must be yes or no). Under ``"strict"`` an answer that does not start with yes/no is recorded, not
     dropped: ``parsed`` is ``None`` and ``correct`` is False (a wrong answer), so it stays in the
@@ -140,10 +146,10 @@ class ExtractionSettings:
 SAMPLING_FIELDS = ("samples", "temperature", "top_p", "seed", "resolve_samples")
 
 
-#: The code that decides what a store holds: the pass, the capture, the family adapters and the POPE
-#: answer rule (which decides ``correct``: a changed rule must never serve stale labels).
+#: The code that decides what a store holds: the pass, the capture, the family adapters and the task answer
+#: rules (which decide ``correct``: a changed rule must never serve stale labels).
 FEATURE_CODE = ("extract/engine.py", "extract/attention.py", "extract/store.py", "extract/sampling.py", "models/adapters/*.py",
-                "data/pope.py")
+                "data/pope.py", "data/counts.py", "data/tasks.py")
 
 
 def code_version(root: Path = Path(__file__).resolve().parent.parent) -> str:
@@ -196,12 +202,17 @@ def _decoder_layers(model) -> Sequence[torch.nn.Module]:
 
 
 @torch.no_grad()
-def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSettings) -> BatchOutput:
+def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSettings,
+              tasks: list[str] | None = None) -> BatchOutput:
     """Greedy generation on one batch with attention rows and hidden states recorded (no labels needed).
 
-    With ``settings.samples`` > 0: the greedy answer and the sampled ones, from one prefill per example
+    ``tasks`` (one per question; None: all presence) decide how each answer is parsed. With
+    ``settings.samples`` > 0: the greedy answer and the sampled ones, from one prefill per example
     (:mod:`vrp_utils.extract.sampling`), answers and generation dynamics only.
     """
+    tasks = list(tasks) if tasks is not None else [DEFAULT_TASK] * len(questions)
+    if len(tasks) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(tasks)} tasks")
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     inputs = adapter.build_inputs(processor, images, questions)
     input_ids = inputs["input_ids"]
@@ -215,10 +226,11 @@ def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSe
     if settings.sampling:
         from vrp_utils.extract.sampling import example_key, sample_batch
 
-        sampled = sample_batch(loaded, inputs, settings, [example_key(img, q) for img, q in zip(images, questions)])
+        sampled = sample_batch(loaded, inputs, settings, [example_key(img, q) for img, q in zip(images, questions)], tasks)
         generated, logits = sampled.greedy_tokens, sampled.greedy_logits
         generation = adapter.generation_kwargs(processor, settings.max_new_tokens)
-        return _records(loaded, images, settings, generated, logits, generation, grids, key_positions, None, [], sampled)
+        return _records(loaded, images, tasks, settings, generated, logits, generation, grids, key_positions, None, [],
+                        sampled)
 
     hidden_steps: list[list[torch.Tensor]] = []
     hooks = []
@@ -251,14 +263,12 @@ def run_batch(loaded, images: list, questions: list[str], settings: ExtractionSe
 
     generated = output.sequences[:, prompt_length:]
     logits = torch.stack(output.logits, dim=1).float()  # [B, steps, V]
-    return _records(loaded, images, settings, generated, logits, generation, grids, key_positions, rows, hidden_steps)
+    return _records(loaded, images, tasks, settings, generated, logits, generation, grids, key_positions, rows, hidden_steps)
 
 
-def _records(loaded, images, settings, generated, logits, generation, grids, key_positions, rows, hidden_steps,
+def _records(loaded, images, tasks, settings, generated, logits, generation, grids, key_positions, rows, hidden_steps,
              sampled=None) -> BatchOutput:
     """Per-example records and arrays from the greedy tokens and raw logits (and the samples, if any)."""
-    from vrp_utils.data.pope import parse_answer
-
     tokenizer = loaded.processor.tokenizer
     adapter = loaded.adapter
     batch = generated.shape[0]
@@ -278,9 +288,11 @@ def _records(loaded, images, settings, generated, logits, generation, grids, key
         text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
         record: dict[str, Any] = {
             "answer": text,
-            "parsed": parse_answer(text, rule=settings.answer_rule, on_fail="none"),  # None: no yes/no (strict)
+            # None: the rule reads no class (no yes/no under the strict rule; not a count)
+            "parsed": get_task(tasks[i]).normalise(text, settings.answer_rule),
             "answer_length": length,
             "yes_no_margin": float(torch.logsumexp(log_probs[i, 0, yes_ids], 0) - torch.logsumexp(log_probs[i, 0, no_ids], 0)),
+            "answer_margin": float(top2[0, 0] - top2[0, 1]),
             "token_logprob": lp.gather(1, chosen[:, None]).squeeze(1).tolist(),
             "token_entropy": (-(lp.exp() * lp).sum(-1)).tolist(),
             "token_margin": (top2[:, 0] - top2[:, 1]).tolist(),
@@ -304,25 +316,25 @@ def _records(loaded, images, settings, generated, logits, generation, grids, key
             example_arrays["hidden_answer_mean"] = mean.numpy().astype(np.float32)
             record["n_answer_hidden"] = len(fed)
         if sampled is not None:
-            record.update(_sample_fields(sampled, i, tokenizer, eos_ids, settings))
+            record.update(_sample_fields(sampled, i, tokenizer, eos_ids, settings, get_task(tasks[i])))
         records.append(record)
         arrays.append(example_arrays)
     return BatchOutput(records, arrays)
 
 
-def _sample_fields(sampled, i: int, tokenizer, eos_ids: set[int], settings: ExtractionSettings) -> dict[str, Any]:
-    """The sampled answers of example ``i``, parsed with the settings' rule, and its first-step nucleus."""
-    from vrp_utils.data.pope import parse_answer
+def _sample_fields(sampled, i: int, tokenizer, eos_ids: set[int], settings: ExtractionSettings, task) -> dict[str, Any]:
+    """The sampled answers of example ``i``, in their classes under its task's rule, and its first-step nucleus."""
     from vrp_utils.extract.sampling import answer_of
 
     samples = [answer_of(t, tokenizer, eos_ids) for t in sampled.sample_tokens[i]]
     resolve = [answer_of(t, tokenizer, eos_ids) for t in sampled.resolve_tokens[i]]
     return {
         "sample_answers": samples,
-        # a strict-rule None is kept as its own class, written "none" (a list of one type whatever the chunk)
-        "sample_parsed": [parse_answer(a, rule=settings.answer_rule, on_fail="none") or "none" for a in samples],
+        # a class the rule cannot read (strict-rule None, a non-count) is kept as its own class, written "none"
+        "sample_parsed": [task.answer_class(a, settings.answer_rule) for a in samples],
         "sample_first_token": [int(t[0]) for t in sampled.sample_tokens[i]],
-        "resolve_parsed": [parse_answer(a, rule="pope") for a in resolve],
+        # under POPE's rule for presence, whatever answer_rule says: the exact limit's q is POPE's yes-probability
+        "resolve_parsed": [task.answer_class(a, "pope") for a in resolve],
         "resolve_first_token": [int(t[0]) for t in sampled.resolve_tokens[i]],
         "nucleus_ids": [int(t) for t in sampled.nucleus_ids[i]],
         "nucleus_probs": [float(p) for p in sampled.nucleus_probs[i]],
@@ -348,11 +360,13 @@ class Intervention:
 
 
 def store_settings(settings: ExtractionSettings, intervention: Intervention | None = None) -> dict[str, Any]:
-    """The settings part of a store's identity: the pass's settings, plus the intervention if any."""
+    """The settings part of a store's identity: the pass's settings, every task's declared answer rule (which
+    judged ``correct``), plus the intervention if any."""
     fields = asdict(settings)
-    if not settings.sampling:  # a greedy store's identity is what it was before sampling existed
+    if not settings.sampling:  # a greedy store's identity has no sampling fields
         for name in SAMPLING_FIELDS:
             fields.pop(name)
+    fields["task_rules"] = task_rules()
     if intervention is not None:
         fields["intervention"] = intervention.identity
     return fields
@@ -391,6 +405,9 @@ def extract(
     ids = [example_id(row) for row in dataset.select_columns(["question_id", "setting"])]
     if len(set(ids)) != len(ids):
         raise ValueError("dataset has duplicate (setting, question_id) pairs; example ids must be unique")
+    if "task" in dataset.column_names:  # an unknown task is the dataset's fault, not one example's: refuse it whole
+        for name in sorted(set(dataset.select_columns(["task"])["task"]) - {None}):
+            get_task(name)
     if (path / "complete.json").is_file():
         return FeatureStore.open(path, expect=manifest)
     loaded.model.eval()
@@ -415,6 +432,7 @@ def _row_record(row: dict[str, Any]) -> dict[str, Any]:
         "image_file": row["image_file"],
         "question": row["question"],
         "object": row.get("object"),
+        "task": _task(row),
         "label": row["label"],
         "boxes": json.dumps(row.get("boxes") or []),
     }
@@ -444,7 +462,7 @@ def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settin
     if not good:
         return
     try:
-        output = run_batch(loaded, images, [r["question"] for r in rows], settings)
+        output = run_batch(loaded, images, [r["question"] for r in rows], settings, [_task(r) for r in rows])
     except _SYSTEMATIC:
         raise  # e.g. the model cannot give faithful attention rows at all: stop, never record around it
     except (ValueError, RuntimeError):
@@ -452,16 +470,16 @@ def _extract_indices(loaded, dataset, indices: list[int], ids: list[str], settin
         # whatever the batch size.
         for index, row, image in zip(good, rows, images):
             try:
-                single = run_batch(loaded, [image], [row["question"]], settings)
+                single = run_batch(loaded, [image], [row["question"]], settings, [_task(row)])
             except _SYSTEMATIC:
                 raise
             except (ValueError, RuntimeError) as error:
                 writer.add_error(ids[index], f"{type(error).__name__}: {error}", _row_record(row))
                 continue
-            _add(writer, ids[index], row, single.records[0], single.arrays[0])
+            _add(writer, ids[index], row, single.records[0], single.arrays[0], settings)
         return
     for index, row, record, arrays in zip(good, rows, output.records, output.arrays):
-        _add(writer, ids[index], row, record, arrays)
+        _add(writer, ids[index], row, record, arrays, settings)
 
 
 def _undecoded_row(dataset, index: int) -> dict[str, Any]:
@@ -469,9 +487,15 @@ def _undecoded_row(dataset, index: int) -> dict[str, Any]:
     return dataset.select_columns([c for c in dataset.column_names if c != "image"])[index]
 
 
-def _add(writer, eid: str, row: dict[str, Any], record: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+def _task(row: dict[str, Any]) -> str:
+    return row.get("task") or DEFAULT_TASK
+
+
+def _add(writer, eid: str, row: dict[str, Any], record: dict[str, Any], arrays: dict[str, np.ndarray],
+         settings: ExtractionSettings) -> None:
+    """Write one OK example, judged by its task's rule (:mod:`vrp_utils.data.tasks`)."""
     full = {"id": eid, **_row_record(row), **record}
-    full["correct"] = bool(record["parsed"] == row["label"])
+    full["correct"] = bool(get_task(_task(row)).correct(record["answer"], row["label"], settings.answer_rule))
     writer.add(full, arrays)
 
 

@@ -94,9 +94,14 @@ def distinct_inputs(splits: Mapping[str, Any]) -> tuple[Any, pd.DataFrame]:
     appearance (settings in the order given), with ``setting = "distinct"`` and ``question_id`` =
     1..N; ``membership`` has one row per (setting, question): ``setting``, ``question_id``,
     ``position`` (row in its setting) and ``distinct_id`` (the distinct input's question_id).
-    A repeated input with contradicting labels is refused.
+    A repeated input with contradicting labels is refused. Where any split has a ``task`` column (a task
+    file), the others get one too (presence, :func:`vrp_utils.data.questions.add_default_task`).
     """
     import datasets
+
+    from vrp_utils.data.questions import add_default_task
+
+    splits = add_default_task(splits)
 
     where: dict[tuple[str, str], int] = {}
     labels: dict[tuple[str, str], str] = {}

@@ -19,12 +19,15 @@ Rows per example, after one prefill:
 - ``greedy``: one row, argmax (the processed scores keep the argmax of the raw ones);
 - ``sample``: ``settings.samples`` rows, sampled;
 - ``resolve``: ``settings.resolve_samples`` rows, only where the first token's nucleus holds tokens
-  that do not decide the POPE parse (:func:`first_token_decision`): their first token is drawn from
-  those tokens alone (renormalized), the rest sampled. They estimate P(yes | a non-deciding first
-  token) for the exact limit (``vrp_utils.analysis.consistency``).
+  that do not decide the answer's class under the example's task rule (:mod:`vrp_utils.data.tasks`;
+  presence: the POPE parse, :func:`first_token_decision`; counting: a count or none): their first token
+  is drawn from those tokens alone (renormalized), the rest sampled. They estimate the class shares
+  given a non-deciding first token (P(yes | ...) for presence) for the exact limit
+  (``vrp_utils.analysis.consistency``).
 
 The first step's nucleus (every token with non-zero processed probability, its probability and
-text) is recorded exactly: it gives each example's q = P(one sample parses as yes).
+text) is recorded exactly: it gives each example's class probabilities (presence: q = P(one sample
+parses as yes)).
 """
 
 from __future__ import annotations
@@ -35,36 +38,8 @@ from typing import Any
 
 import torch
 
-#: POPE's negation words (``vrp_utils.data.pope.parse_answer``, rule "pope").
-NEGATION_WORDS = ("No", "no", "not")
-
-
-def first_token_decision(text: str, is_end: bool = False) -> str | None:
-    """What a first answer token decides under POPE's rule: ``"yes"``, ``"no"`` or ``None`` (later tokens decide).
-
-    - the end token: the answer is empty, which POPE's rule reads as yes;
-    - a token holding ``"."``: the first sentence is closed, so its text decides (POPE's rule on it);
-    - a token with a negation word (No/no/not, whole words after POPE's comma removal): no, since POPE's
-      rule reads "no" from a negation anywhere in the first sentence;
-    - anything else, a yes-word included ("Yes", a space, "Maybe"): None. A yes-word does not decide:
-      "Yes" + " not" reads no. Measured: on a random-weight Qwen2-VL at T = 1 counting "Yes" as deciding
-      biased q upward (24 inputs, sum of z^2 = 55.6 on 24 df); these tokens are resolved by sampling.
-
-    A negation token could in principle still be continued into another word ("No" + "pe" = "Nope",
-    with subword vocabularies); how often that happens is measured on the samples
-    (``consistency.decision_violations``), never assumed away.
-    """
-    from vrp_utils.data.pope import parse_answer
-
-    if is_end:
-        return parse_answer("", rule="pope")
-    if "." in text:
-        return parse_answer(text, rule="pope")
-    words = text.replace(",", "").split(" ")
-    if any(word in NEGATION_WORDS for word in words):
-        return "no"
-    return None
-
+from vrp_utils.data.pope import NEGATION_WORDS, first_token_decision  # noqa: F401 - re-exported (tests, callers)
+from vrp_utils.data.tasks import DEFAULT_TASK, get_task
 
 def row_seed(seed: int, key: str, role: str, index: int) -> int:
     """A 63-bit seed for one continuation row, from what identifies it (never from its batch)."""
@@ -110,16 +85,17 @@ class SampledBatch:
 
 
 class _Decisions:
-    """First-token decisions per token id, cached per tokenizer."""
+    """First-token decisions per (task, token id) under each task's rule (:mod:`vrp_utils.data.tasks`), cached
+    per tokenizer."""
 
     def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
         self.tokenizer, self.eos_ids, self.cache = tokenizer, eos_ids, {}
 
-    def __call__(self, token: int) -> str | None:
-        if token not in self.cache:
+    def __call__(self, token: int, task: str = DEFAULT_TASK) -> str | None:
+        if (task, token) not in self.cache:
             text = self.tokenizer.decode([token], skip_special_tokens=True)
-            self.cache[token] = first_token_decision(text, is_end=token in self.eos_ids)
-        return self.cache[token]
+            self.cache[task, token] = get_task(task).first_token(text, token in self.eos_ids)
+        return self.cache[task, token]
 
 
 def _select_rows(model, model_kwargs: dict[str, Any], index: torch.Tensor, batch: int) -> None:
@@ -138,8 +114,13 @@ def _select_rows(model, model_kwargs: dict[str, Any], index: torch.Tensor, batch
         inner.rope_deltas = deltas[index]
 
 
-def sample_batch(loaded, inputs, settings, keys: list[str]) -> SampledBatch:
-    """Greedy + ``settings.samples`` sampled (+ resolve) continuations per example, from one prefill each."""
+def sample_batch(loaded, inputs, settings, keys: list[str], tasks: list[str] | None = None) -> SampledBatch:
+    """Greedy + ``settings.samples`` sampled (+ resolve) continuations per example, from one prefill each.
+
+    ``tasks`` (one per example; None: all presence) decide which first tokens leave the answer's class open,
+    so where resolve rows are drawn.
+    """
+    tasks = tasks if tasks is not None else [DEFAULT_TASK] * len(keys)
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     tokenizer = processor.tokenizer
     generation = adapter.generation_kwargs(processor, settings.max_new_tokens)
@@ -166,7 +147,7 @@ def sample_batch(loaded, inputs, settings, keys: list[str]) -> SampledBatch:
             ids = torch.nonzero(probs[b] > 0).flatten().tolist()
             nucleus_ids.append(ids)
             nucleus_probs.append(probs[b, ids].tolist())
-            nucleus_decisions.append([decisions(t) for t in ids])
+            nucleus_decisions.append([decisions(t, tasks[b]) for t in ids])
             undecided.append([t for t, d in zip(ids, nucleus_decisions[-1]) if d is None])
             rows += [(b, "greedy", 0)] + [(b, "sample", j) for j in range(settings.samples)]
             if undecided[-1]:

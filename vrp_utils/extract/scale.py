@@ -292,8 +292,10 @@ def _slice_fingerprint(dataset: Any, ids: list[str], shard_ids: Sequence[str]) -
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def _dataset(args: argparse.Namespace):
-    """The examples the CLI was asked for: benchmark settings or POPE files, optionally as distinct inputs."""
-    from vrp_utils.data.pope import load_pope
+    """The examples the CLI was asked for: benchmark settings, or POPE and task question files (each file's
+    format told by its first row, :func:`vrp_utils.data.questions.question_file_format`), optionally as
+    distinct inputs."""
+    from vrp_utils.data.questions import add_default_task, load_question_file
     from vrp_utils.extract.features import benchmark_splits, distinct_inputs, parse_settings
 
     if args.questions:
@@ -301,8 +303,9 @@ def _dataset(args: argparse.Namespace):
             raise ValueError("--questions needs --image-dir")
         splits = {}
         for questions in args.questions:
-            split = load_pope(questions, args.image_dir)
+            split = load_question_file(questions, args.image_dir)
             splits[split.select_columns(["setting"])[0]["setting"] if len(split) else str(questions)] = split
+        splits = add_default_task(splits)
         if args.limit is not None:
             splits = {name: split.select(range(min(args.limit, len(split)))) for name, split in splits.items()}
     elif args.distinct:
@@ -327,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="zoo name, local directory, or hub id with local weights")
     parser.add_argument("--split", default="adversarial",
                         help="benchmark setting: random, popular, adversarial, or 'all' (with --distinct: comma-separated)")
-    parser.add_argument("--questions", type=Path, action="append", help="a POPE question file (repeatable) instead of the embedded benchmark")
+    parser.add_argument("--questions", type=Path, action="append",
+                        help="a question file (repeatable) instead of the embedded benchmark: POPE's format, or a task "
+                        "file (JSON Lines of question, image, answer, task [presence|counting], optional question_id; "
+                        "see data/README.md), told apart by a 'task' key in the first row")
     parser.add_argument("--image-dir", type=Path, help="with --questions: the image folder")
     parser.add_argument("--distinct", action="store_true",
                         help="extract each distinct (image, question) input once: the store open_features and `make features` read")
