@@ -126,6 +126,16 @@ def test_probe_table_refuses_too_few_images_with_a_reason(llava_features):
     assert table["value"].isna().all() and table["undefined"].str.contains("images|correct|wrong").all()
 
 
+def test_every_probe_at_the_primary_position_the_sweep_probe_elsewhere(llava_features):
+    """The MLP is fitted at the primary position only; the other position and the untrained twin get the first probe."""
+    assert P.probe_kinds("probe", "last_prompt", ["l1", "mlp"], ["last_prompt", "answer_mean"]) == ["l1", "mlp"]
+    assert P.probe_kinds("probe", "answer_mean", ["l1", "mlp"], ["last_prompt", "answer_mean"]) == ["l1"]
+    assert P.probe_kinds("untrained", "last_prompt", ["mlp", "l1"], ["last_prompt"]) == ["mlp"]
+    assert P.probe_kinds("control", "object", ["mlp"], ["answer_mean"]) == ["l1"]
+    table = P.probe_table(llava_features, ["l1", "mlp"], ["answer_mean", "last_prompt"], folds=5, seeds=1)  # refused: rows declared
+    assert set(zip(table["probe"], table["position"])) == {("l1", "answer_mean"), ("mlp", "answer_mean"), ("l1", "last_prompt")}
+
+
 def test_untrained_twin_is_deterministic_and_different(tiny_model_dir, tmp_path):
     from vrp_utils.extract.untrained import untrained_twin
     from vrp_utils.models.loading import fingerprint_files
