@@ -7,8 +7,9 @@ CPU. Everything is built once per test session into a temporary data directory l
 
 Models (seeded, deterministic):
 
-- ``zoo-llava``, ``zoo-paligemma``, ``zoo-qwen2-vl``: ``build_untrained(ZOO[name])`` (zoo geometry:
-  64 px images, 64 / 64 / 16 image tokens, hidden 128, the release's 2 layers, 4 heads).
+- ``zoo-llava``, ``zoo-paligemma``, ``zoo-qwen2-vl``: ``build_untrained(ZOO[name])`` (zoo geometry: the
+  benchmark's 64 px images resized to 96 px, 144 / 144 / 36 image tokens, hidden 128, the release's 6 layers,
+  4 heads).
 - ``paper-llava``, ``paper-paligemma``, ``paper-qwen2_vl``: ``build_family(..., geometry="paper")``
   (the real checkpoints' image geometry: 576 / 256 / per-image image tokens; hidden 32, 1 layer, not the
   checkpoints' depth, which ``test_loading.py`` extracts once).

@@ -11,9 +11,11 @@ from vrp_utils.analysis.geometry import object_boxes, pixel_mask, token_box_over
 from vrp_utils.data.benchmark import CATEGORIES
 
 QUESTION = f"Is there a {CATEGORIES[0]} in the image?"
-#: Image sizes each family's processor takes without resampling (LLaVA: short side = crop, so the
-#: centre crop is exercised with a wider image).
-SIZES = {"zoo-llava": (80, 64), "zoo-paligemma": (64, 64), "zoo-qwen2-vl": (64, 64)}
+#: Image sizes each family's processor takes without resampling (zoo v2 reads 96 px; LLaVA: short side = crop, so
+#: the centre crop is exercised with a wider image).
+SIZES = {"zoo-llava": (120, 96), "zoo-paligemma": (96, 96), "zoo-qwen2-vl": (96, 96)}
+#: The benchmark's own size, which each processor resizes to 96 px (bicubic).
+BENCHMARK_SIZES = {"zoo-llava": (80, 64), "zoo-paligemma": (64, 64), "zoo-qwen2-vl": (64, 64)}
 
 
 def _input_patches(loaded, inputs) -> torch.Tensor:
@@ -47,6 +49,28 @@ def test_masking_token_k_changes_exactly_input_patch_k(name, tiny_loaded):
 
 
 @pytest.mark.parametrize("name", list(SIZES))
+def test_masking_a_token_of_a_resized_image_reaches_only_its_neighbours(name, tiny_loaded):
+    """The benchmark's 64 px images are resized to 96 px by the processor, whose bicubic kernel carries a masked
+    token's edge into the tokens beside it: chapter 02 masks token k and, faintly, a ring around it (stated on its
+    page). The ring is bounded: only tokens sharing an edge or corner with k change."""
+    loaded = tiny_loaded(name)
+    size = BENCHMARK_SIZES[name]
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    inputs = loaded.adapter.build_inputs(loaded.processor, [Image.fromarray(image)], [QUESTION])
+    grid = loaded.adapter.patch_grid(inputs, 0)
+    before = _input_patches(loaded, inputs)
+    k = grid[0] * grid[1] // 2 + grid[1] // 2  # an inner token
+    masked = image.copy()
+    masked[pixel_mask(loaded.adapter, size, grid, [k])] = 0
+    after = _input_patches(loaded, loaded.adapter.build_inputs(loaded.processor, [Image.fromarray(masked)], [QUESTION]))
+    changed = set((before != after).any(dim=1).nonzero().flatten().tolist())
+    row, col = divmod(k, grid[1])
+    ring = {r * grid[1] + c for r in range(row - 1, row + 2) for c in range(col - 1, col + 2)}
+    assert k in changed and changed <= ring and len(changed) > 1
+
+
+@pytest.mark.parametrize("name", list(SIZES))
 def test_pixel_masks_of_all_tokens_tile_the_seen_region_once(name, tiny_loaded):
     loaded = tiny_loaded(name)
     size = SIZES[name]
@@ -55,8 +79,8 @@ def test_pixel_masks_of_all_tokens_tile_the_seen_region_once(name, tiny_loaded):
     per_token = np.stack([pixel_mask(loaded.adapter, size, grid, [k]) for k in range(grid[0] * grid[1])])
     assert per_token.sum(0).max() == 1  # no pixel in two patches
     seen = per_token.any(0)
-    if name == "zoo-llava":  # the centre 64x64 square of an 80x64 image: 8 columns cropped each side
-        assert seen[:, 8:72].all() and not seen[:, :8].any() and not seen[:, 72:].any()
+    if name == "zoo-llava":  # the centre 96x96 square of a 120x96 image: 12 columns cropped each side
+        assert seen[:, 12:108].all() and not seen[:, :12].any() and not seen[:, 108:].any()
     else:
         assert seen.all()
 

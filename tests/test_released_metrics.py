@@ -121,7 +121,7 @@ def store_maps(tiny_model_dir, tiny_benchmark, tmp_path_factory):
 
 def test_store_maps_agree_with_the_released_definitions(store_maps):
     grids = {name: grid for name, grid, _ in store_maps}
-    assert grids == {"zoo-llava": (8, 8), "zoo-qwen2-vl": (4, 4)} and len(store_maps) >= 2 * 24 * 2
+    assert grids == {"zoo-llava": (12, 12), "zoo-qwen2-vl": (6, 6)} and len(store_maps) >= 2 * 24 * 2  # zoo v2's grids
     for name, (rows, cols), p in store_maps:
         assert np.isfinite(p).all() and p.sum() == pytest.approx(1.0)
         square = p.reshape(rows, cols)

@@ -19,19 +19,20 @@ from vrp_utils.extract.features import open_features
 
 
 @pytest.fixture(scope="module")
-def twelve_image_features(tmp_path_factory):
+def small_benchmark_features(tmp_path_factory):
     """The released zoo-llava checkpoint (in git, trained: its answers are right and wrong for reasons, so the
-    fitted scores vary) on a 12-image tiny benchmark: enough images for 5 outer and 2 inner grouped folds."""
+    fitted scores vary) on a 24-image tiny benchmark: enough images for 5 outer and 2 inner grouped folds, and enough
+    wrong answers of the 6-layer zoo (about 1 in 7) for a fitted rival to vary."""
     from vrp_utils.data.benchmark import build_benchmark
 
     root = tmp_path_factory.mktemp("signals-data")
-    build_benchmark(root / "benchmark", n_eval_images=12, n_train_images=2, progress=False)
+    build_benchmark(root / "benchmark", n_eval_images=24, n_train_images=2, progress=False)
     return open_features("zoo-llava", "random", root=root / "features", benchmark_dir=root / "benchmark",
                          progress=False)
 
 
-def test_free_rival_has_the_probes_folds_and_equals_a_direct_fit(twelve_image_features):
-    inputs = signals.ModelInputs(twelve_image_features)
+def test_free_rival_has_the_probes_folds_and_equals_a_direct_fit(small_benchmark_features):
+    inputs = signals.ModelInputs(small_benchmark_features)
     d = inputs.distinct
     y, groups = d["correct"].to_numpy(bool), d["image_file"].to_numpy()
     assert cv_problem(y, groups) is None and 0 < y.mean() < 1
@@ -40,7 +41,7 @@ def test_free_rival_has_the_probes_folds_and_equals_a_direct_fit(twelve_image_fe
     scores = rival.score(inputs)
     direct = cross_validated(rival_features(d), y, groups, "l1", seed=0)
     np.testing.assert_array_equal(scores, direct.scores)
-    states = twelve_image_features.store.hidden(None, "last_prompt")
+    states = small_benchmark_features.store.hidden(None, "last_prompt")
     probe = cross_validated(np.asarray(states[d["array_index"].to_numpy(), -1]), y, groups, "l1", seed=0)
     np.testing.assert_array_equal(signals.REGISTRY["probe_oof"].score(inputs), probe.scores)
     np.testing.assert_array_equal(direct.plan.outer, probe.plan.outer)
@@ -116,7 +117,7 @@ def test_differences_from_the_best_free_signal_are_paired_bootstraps_on_the_shar
     assert all(r["best_free_signal"] is None and np.isnan(r["auroc_minus_best_free"]) for r in none.values())
 
 
-def test_per_layer_signals_take_their_declared_layer_and_never_read_the_labels(twelve_image_features):
+def test_per_layer_signals_take_their_declared_layer_and_never_read_the_labels(small_benchmark_features):
     """Attention metrics: the mean over every stored layer; logit lens: the first layer; probe: the last (above). Scores
     of the attention and lens signals are the same with the correctness labels shuffled: no layer (or anything else)
     is chosen by looking at test data."""
@@ -124,7 +125,7 @@ def test_per_layer_signals_take_their_declared_layer_and_never_read_the_labels(t
 
     from vrp_utils.analysis.probes import LogitLens
 
-    f = twelve_image_features
+    f = small_benchmark_features
     inputs = signals.ModelInputs(f)
     d = inputs.distinct
     rows = d["array_index"].to_numpy()
