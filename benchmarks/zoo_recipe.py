@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--offsets", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO), help="only these zoo models")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"where the table's JSON goes (default {RESULTS.name})")
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS), help="only these kernel paths")
     args = parser.parse_args(argv)
     root = args.collect or args.out
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['build_seconds']:.0f} |")
         row["in_band"] = not problems
         row.pop("card")
-    RESULTS.write_text(json.dumps({"best_baselines": best, "runs": rows}, indent=1) + "\n")
+    args.results.write_text(json.dumps({"best_baselines": best, "runs": rows}, indent=1) + "\n")
     return 0
 
 
