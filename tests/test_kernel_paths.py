@@ -50,6 +50,7 @@ def test_leaves_name_nested_fields_as_verify_does():
 
 
 @pytest.mark.built
+@pytest.mark.kernel_paths
 def test_chapter_01_on_the_portable_kernels_matches_the_reference(tmp_path):
     model = "zoo-llava"
     data = tmp_path / "data"
