@@ -212,18 +212,21 @@ def test_probe_answer_weighs_the_probe_against_chance_the_free_rival_and_the_twi
 
 
 def test_probe_answer_sets_each_familys_reliability_layer_beside_the_papers():
+    """The paper's layer comes from the model_type chapter 03 published, never from the model's name."""
     results = probe_results()
-    results["parameters"]["models"] = ["zoo-llava", "/data/zoo-depth/6x96/zoo-qwen2-vl"]
+    results["parameters"]["models"] = ["zoo-llava", "/data/zoo-depth/6x96/my-model"]
     for row in results["probe_auroc"] + results["probe_vs_control"] + results["ablation"]:
-        row["model"] = {"m-a": "zoo-llava", "m-b": "/data/zoo-depth/6x96/zoo-qwen2-vl"}[row["model"]]
-    results["layers_used"] = {"zoo-llava": 1, "/data/zoo-depth/6x96/zoo-qwen2-vl": 1}
+        row["model"] = {"m-a": "zoo-llava", "m-b": "/data/zoo-depth/6x96/my-model"}[row["model"]]
+    results["layers_used"] = {"zoo-llava": 1, "/data/zoo-depth/6x96/my-model": 1}
+    results["language_model_shape"] = {"zoo-llava": {"layers": 6, "model_type": "paligemma"},  # the name misleads
+                                       "/data/zoo-depth/6x96/my-model": {"layers": 6, "model_type": "qwen2_vl"}}
     results["reliability_layer"] = {m: {"layer": 3, "n_layers": 6, "relative_depth": 4 / 6, "relative_depth_ci_low": 3 / 6,
                                         "relative_depth_ci_high": 5 / 6} for m in results["layers_used"]}
     for row in results["ablation"]:
         row.update(layer=3, layer_role="reliability")
     text = answers.probes(results)
-    assert "zoo-llava layer 3 of 6 (relative depth 0.67 [0.50, 0.83]; the paper's LLaVA 21/32 = 0.66)" in text
-    assert "zoo-qwen2-vl layer 3 of 6 (relative depth 0.67 [0.50, 0.83]; the paper's Qwen2-VL 18/28 = 0.64)" in text
+    assert "zoo-llava layer 3 of 6 (relative depth 0.67 [0.50, 0.83]; the paper's PaliGemma 10/18 = 0.56)" in text
+    assert "my-model layer 3 of 6 (relative depth 0.67 [0.50, 0.83]; the paper's Qwen2-VL 18/28 = 0.64)" in text
     assert "(the paper: LLaVA" not in text and "does not locate" not in text
     assert "zoo-llava at the reliability layer (3) -0.5 [-0.9, -0.1] points" in text and "for 1 of 2 ablated layers." in text
     assert comparisons_without_a_paired_test(text) == []

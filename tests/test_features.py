@@ -58,6 +58,18 @@ def test_bad_settings_and_models_name_the_choices():
         parse_models(" , ")
 
 
+@pytest.mark.parametrize(("name", "expected"), [("zoo-llava", "llava"), ("zoo-paligemma", "paligemma"),
+                                              ("zoo-qwen2-vl", "qwen2_vl")])
+def test_model_type_reads_the_config_not_the_name(name, expected, tiny_model_dir, tmp_path):
+    from vrp_utils.extract.features import model_type
+
+    renamed = tmp_path / "some-model"
+    shutil.copytree(tiny_model_dir(name), renamed)
+    assert model_type(str(renamed)) == expected
+    with pytest.raises(FileNotFoundError, match="No config.json"):
+        model_type(str(tmp_path))
+
+
 def test_open_features_extracts_once_then_reads(tiny_model_dir, tiny_benchmark, tmp_path):
     model = str(tiny_model_dir("zoo-qwen2-vl"))
     first = open_features(model, "all", limit=6, root=tmp_path, benchmark_dir=tiny_benchmark, progress=False)

@@ -300,14 +300,15 @@ def masking(results: dict) -> str:
     return text + "."
 
 
-#: The paper's probe layers (its reliability claim), as layer / layers, per family (PAPER.md: 21 of 32, 10 of 18, 18 of 28).
-PAPER_LAYERS = {"llava": "LLaVA 21/32 = 0.66", "paligemma": "PaliGemma 10/18 = 0.56", "qwen2-vl": "Qwen2-VL 18/28 = 0.64"}
+#: The paper's probe layers (its reliability claim), as layer / layers, per ``config.model_type`` (PAPER.md: 21 of 32,
+#: 10 of 18, 18 of 28).
+PAPER_LAYERS = {"llava": "LLaVA 21/32 = 0.66", "paligemma": "PaliGemma 10/18 = 0.56", "qwen2_vl": "Qwen2-VL 18/28 = 0.64"}
 
 
-def _family(model: str) -> str | None:
-    """The paper's family a model's name (or directory) names, if any: ``zoo-qwen2-vl`` -> ``qwen2-vl``."""
-    name = str(model).rstrip("/").split("/")[-1].lower()
-    return next((family for family in PAPER_LAYERS if family in name.replace("_", "-")), None)
+def _family(results: dict, model: str) -> str | None:
+    """The paper's family of ``model``: the ``model_type`` chapter 03 published for it (None if absent or unknown)."""
+    family = ((results.get("language_model_shape") or {}).get(model) or {}).get("model_type")
+    return family if family in PAPER_LAYERS else None
 
 
 def probes(results: dict) -> str:
@@ -364,9 +365,9 @@ def probes(results: dict) -> str:
                              + (f" [{r['relative_depth_ci_low']:.2f}, {r['relative_depth_ci_high']:.2f}]"
                                 if _finite(r.get("relative_depth_ci_low")) and _finite(r.get("relative_depth_ci_high")) else
                                 ", no interval")
-                             + (f"; the paper's {PAPER_LAYERS[family]}" if (family := _family(m)) else "") + ")"
+                             + (f"; the paper's {PAPER_LAYERS[family]}" if (family := _family(results, m)) else "") + ")"
                              for m, r in where.items())
-                 + (" (the paper: LLaVA 21/32, PaliGemma 10/18, Qwen2-VL 18/28)" if not all(_family(m) for m in where) else "")
+                 + (" (the paper: LLaVA 21/32, PaliGemma 10/18, Qwen2-VL 18/28)" if not all(_family(results, m) for m in where) else "")
                  + (", which with so few layers does not locate reliability in depth. " if shallow else ". "))
     top = [r for r in _rows(results, "ablation", condition="top", scope="balanced", subset="all") if _finite(r.get("value"))]
     if top:

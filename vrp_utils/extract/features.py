@@ -371,6 +371,17 @@ def language_model_shape(model: str) -> tuple[int, int]:
     return int(text.num_hidden_layers), int(text.num_attention_heads)
 
 
+def model_type(model: str) -> str:
+    """The ``config.model_type`` of a zoo name, directory or hub id with local weights (no weights loaded).
+
+    Why: what a chapter publishes per model (e.g. the paper's layer for its family) keys on the architecture,
+    never on the model's name.
+    """
+    from vrp_utils.models.loading import read_model_type, resolve_model_dir
+
+    return read_model_type(resolve_model_dir(model))
+
+
 def sample_pool_settings(pool: int, temperature: float, top_p: float, seed: int = 0, batch_size: int = 16) -> ExtractionSettings:
     """The engine settings of a sample pool over the distinct inputs (answers only: no attention, no states).
 
