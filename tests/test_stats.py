@@ -794,6 +794,27 @@ def _exact_bootstrap_sd(statistic, groups) -> float:
     return float(np.std(values))
 
 
+def test_auroc_difference_gives_no_p_where_the_scores_order_all_but_a_few_pairs_alike():
+    """Two scores that are the same ordering but for a few correct-wrong pairs (as |yes-no margin| and the answer's
+    log-probability are): the difference and its CI are reported, the p-value is not; a real difference keeps it."""
+    rng = np.random.default_rng(8)
+    groups = np.repeat(np.arange(150), 4)
+    correct = (rng.random(600) < 0.8).astype(int)
+    a = correct + rng.normal(size=600)
+    b = a.copy()
+    for w in np.flatnonzero(correct == 0)[:3]:  # three wrong inputs each step past the next correct one: 3 pairs reordered
+        above = a[(correct == 1) & (a > a[w])]
+        b[w] = above.min() + 1e-9
+    close = S.auroc_difference(a, b, correct, groups, n_boot=500, seed=0)
+    pairs = close.details["bootstrap_se"] * correct.sum() * (600 - correct.sum())
+    assert 0 < pairs < S.MIN_PAIR_SE and abs(close.value) < 1e-4
+    assert close.p_value is None and "float rounding" in close.details["p_undefined"]
+    assert close.ci_low <= close.value <= close.ci_high
+    far = S.auroc_difference(a, 0.3 * correct + rng.normal(size=600), correct, groups, n_boot=500, seed=0)
+    assert far.details["bootstrap_se"] * correct.sum() * (600 - correct.sum()) > S.MIN_PAIR_SE
+    assert far.p_value is not None and far.p_value < 0.05
+
+
 def test_paired_differences_match_brute_force_over_every_resample():
     """4 images, each with both classes: all 256 resamples are defined, so the exact bootstrap SD of the
     paired difference is computable by enumeration (explicit rows, scipy / scikit-learn on each)."""

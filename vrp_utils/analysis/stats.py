@@ -505,7 +505,8 @@ def auroc_difference(
 
     Why: "does this probe lose accuracy when it moves to another setting" compares two scores of the
     same examples; both AUROCs are recomputed on each image resample, so the interval is the paired
-    one (narrower than comparing two separate CIs). p-value: two-sided z test of 0 with the bootstrap SE.
+    one (narrower than comparing two separate CIs). p-value: two-sided z test of 0 with the bootstrap SE; none
+    where that SE is under :data:`MIN_PAIR_SE` correct-wrong pairs (``details["p_undefined"]`` says so).
     """
     _check_bootstrap_options(n_boot, confidence)
     a, b = _as_scores("score_a", score_a), _as_scores("score_b", score_b)
@@ -523,7 +524,19 @@ def auroc_difference(
         "both AUROCs on each resample; p: two-sided z test of 0 with the bootstrap SE"
     )
     details = {"n_correct": n_pos, "n_wrong": n - n_pos, "bootstrap_se": ci.standard_error}
+    pair_se = ci.standard_error * n_pos * (n - n_pos)  # the SE in correct-wrong pairs ordered differently
+    if math.isfinite(pair_se) and pair_se < MIN_PAIR_SE:
+        details["p_undefined"] = (f"the two scores order all but a few correct-wrong pairs alike (bootstrap SE {pair_se:.1f} "
+                                  f"pairs, under {MIN_PAIR_SE}): float rounding decides the difference's sign")
+        return Estimate(value, ci.low, ci.high, method, n, k, None, details)
     return Estimate(value, ci.low, ci.high, method, n, k, _z_test_p(value, 0.0, ci.standard_error), details)
+
+
+#: Below this bootstrap SE, counted in correct-wrong pairs (SE x n_correct x n_wrong), a paired AUROC difference has
+#: no p-value. Why: two signals that are near-monotone transforms of each other (|yes-no margin| and the answer's
+#: log-probability) order all but a handful of pairs alike, and which way those few go is float rounding: on zoo v2
+#: such a p moved from 0.54 to 1.00 between the native and the portable kernels (SE 7 pairs, difference 1e-5).
+MIN_PAIR_SE = 10.0
 
 
 def auroc_difference_bootstrap(
