@@ -136,7 +136,7 @@ test: book
 # Every notebook's numbers against the committed reference, under results/reference/tolerances.yml. Its result
 # (results/verify/summary.json) goes onto the status page: where the book is built, the page is rewritten and the
 # book re-rendered (a sub-make, which sees the new summary), and verify still exits with the check's status.
-# Then the kernel-path check: chapter 01 re-extracted under torch's portable kernels, against the same reference
+# Then the kernel-path check: chapter 01 re-extracted under the portable CPU kernels (ATEN_CPU_CAPABILITY=default), against the same reference
 # (tests/test_kernel_paths.py, about 100 s on 2 cores with zoo v2; in `make test` it was the suite's long pole).
 verify: $(EXECUTED) $(BASELINES)
 	@status=0; $(PY) -m vrp_utils.verify check || status=$$?; \

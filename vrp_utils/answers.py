@@ -175,8 +175,6 @@ def attention(results: dict, margin: float = 0.1) -> str:
     return text
 
 
-
-
 def _depth(results: dict) -> str:
     """What depth shows: ΔH_s from the first layer to the last (a paired change of one input's H_s, judged by its own
     interval against 0) and the layer where in-box mass peaks, with the paired peak-minus-last difference."""
