@@ -12,6 +12,7 @@ number of labelled decisions per step; the ratio is seconds per decision, measur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -37,8 +38,10 @@ def _seconds_per_decision(step, steps: int) -> float:
     return (time.perf_counter() - started) / decisions
 
 
-def measure(name: str, images: zoo.TrainingImages, steps: int) -> dict:
+def measure(name: str, images: zoo.TrainingImages, steps: int, batch_size: int | None = None) -> dict:
     spec = zoo.ZOO[name]
+    if batch_size is not None:
+        spec = dataclasses.replace(spec, batch_size=batch_size)
     model, processor, adapter = zoo.build_untrained(spec)
     for parameter_name, parameter in model.named_parameters():
         parameter.requires_grad_(parameter_name.startswith(("model.language_model", "lm_head")))
@@ -80,14 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=512, help="training images to draw from")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="conversations per step (default: each model's own; smaller only to smoke-test the script)")
     parser.add_argument("--benchmark", type=Path, default=BENCHMARK_DIR)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "zoo_answer_cost.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     train = load_train(args.benchmark)
     images = zoo.TrainingImages.from_dataset(train.select(range(min(len(train), 6 * args.images))))
-    rows = [measure(name, images, args.steps) for name in zoo.ZOO]
-    result = {"steps": args.steps, "threads": 1, "machine": platform.machine(), "rows": rows}
+    rows = [measure(name, images, args.steps, args.batch_size) for name in zoo.ZOO]
+    result = {"steps": args.steps, "batch_size": args.batch_size or "each model's", "threads": 1, "machine": platform.machine(), "rows": rows}
     write_json_atomic(args.out, result)
     print(json.dumps(result, indent=1))
     return 0

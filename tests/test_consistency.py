@@ -66,10 +66,12 @@ def test_exact_limit_equals_the_sampled_frequency_on_the_zoo():
 def test_q_with_a_sampled_remainder_matches_the_frequency_on_a_random_model(tiny_loaded, tiny_benchmark):
     from vrp_utils.data.pope import load_benchmark
 
-    split = load_benchmark("random", tiny_benchmark).select(range(24))
+    # 16 inputs x 200 samples (SE of a frequency <= 0.035) with 200 resolve rows each: a q that dropped or
+    # mis-weighted the resolved remainder (most of q on a random model) is off by far more than 4.5 SE
+    split = load_benchmark("random", tiny_benchmark).select(range(16))
     images = [row["image"].convert("RGB") for row in split]
     loaded = tiny_loaded("zoo-qwen2-vl")
-    _check_q_against_frequency(loaded, images, list(split["question"]), 300, 1.0, 1.0, min_middle=5, resolve=300)
+    _check_q_against_frequency(loaded, images, list(split["question"]), 200, 1.0, 1.0, min_middle=5, resolve=200)
 
 
 def test_flagged_inputs_are_those_with_a_non_deciding_first_token():

@@ -529,7 +529,7 @@ def test_reliability_layer_ci_equals_a_brute_force_loop_over_the_same_resamples(
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(11)
-    k, per, n_boot, seed = 12, 5, 400, 7
+    k, per, n_boot, seed = 12, 5, 200, 7
     groups = np.repeat([f"img{i:02d}" for i in range(k)], per)
     y = rng.random(k * per) < 0.55
     scores = np.stack([a * y + rng.normal(size=len(y)) for a in (0.0, 1.0, 2.0)])

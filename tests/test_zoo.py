@@ -73,7 +73,7 @@ def test_parallel_build_gives_the_same_weights_as_a_serial_one(tiny_benchmark, t
     """Worker processes get the spec itself (a patched ZOO would not reach a spawned worker)."""
     for name in ("zoo-llava", "zoo-qwen2-vl"):
         monkeypatch.setitem(zoo.ZOO, name, dataclasses.replace(zoo.ZOO[name], steps=2, vision_steps=2, batch_size=2,
-                                                               vision_batch_size=2, warmup_steps=1))
+                                                               vision_batch_size=2, warmup_steps=1, layers=2))
     serial = zoo.build_zoo(["zoo-llava", "zoo-qwen2-vl"], out_dir=tmp_path / "serial", benchmark_dir=tiny_benchmark, progress=False)
     parallel = zoo.build_zoo(["zoo-llava", "zoo-qwen2-vl"], out_dir=tmp_path / "parallel", benchmark_dir=tiny_benchmark,
                              progress=False, jobs=2)

@@ -12,7 +12,7 @@ def test_answer_cost_benchmark_runs_and_reports_a_ratio_per_family(tiny_benchmar
                                                                    benchmark_script) -> None:
     bench = benchmark_script("zoo_answer_cost")
     out = tmp_path / "cost.json"
-    assert bench.main(["--steps", "1", "--images", "8", "--benchmark", str(tiny_benchmark), "--out", str(out)]) == 0
+    assert bench.main(["--steps", "1", "--images", "8", "--batch-size", "2", "--benchmark", str(tiny_benchmark), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [row["model"] for row in result["rows"]] == list(zoo.ZOO)
     for row in result["rows"]:
