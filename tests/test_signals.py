@@ -51,6 +51,19 @@ def test_free_rival_has_the_probes_folds_and_equals_a_direct_fit(small_benchmark
     assert len(np.unique(scores)) > 10  # fitted, not a constant: other folds would give other scores
 
 
+def test_answer_margin_is_the_first_answer_tokens_top_two_gap(small_benchmark_features):
+    """Issue 25's task-free margin: the first answer token's top-1 minus top-2 log-probability, as the engine stores it
+    (``answer_margin``); on this trained yes/no model it tracks |yes-no margin|, on inputs where the two lead."""
+    inputs = signals.ModelInputs(small_benchmark_features)
+    d = inputs.distinct
+    margin = signals.REGISTRY["answer_margin"]
+    assert (margin.cost, margin.direction, margin.subset) == ("greedy", 1, None)
+    scores = margin.score(inputs)
+    np.testing.assert_array_equal(scores, d["answer_margin"].to_numpy(float))
+    assert (scores >= 0).all() and len(np.unique(scores)) > 10
+    assert np.corrcoef(scores, np.abs(d["yes_no_margin"].to_numpy(float)))[0, 1] > 0.9
+
+
 def _frames(seed: int = 0) -> dict[str, pd.DataFrame]:
     """Two models' per-question frames over the same 60 inputs (20 images x 3 questions, 2 settings)."""
     rng = np.random.default_rng(seed)

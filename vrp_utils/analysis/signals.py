@@ -107,6 +107,11 @@ def _mean_list(column: str):
     return lambda m: np.array([float(np.mean(v)) for v in m.distinct[column]])
 
 
+def _first_of_list(column: str):
+    """The first answer token's value of a per-token column (``token_margin[0]`` is the store's ``answer_margin``)."""
+    return lambda m: np.array([float(v[0]) for v in m.distinct[column]])
+
+
 def _attention_metric(metric: str):
     return lambda m: m.attention[metric].reindex(m.distinct["array_index"]).to_numpy()
 
@@ -186,6 +191,8 @@ def _registry() -> dict[str, Signal]:
     signals = [
         Signal("yes_no_margin_abs", "|log P(yes) - log P(no)| at the first answer token", +1, "greedy",
                lambda m: np.abs(m.distinct["yes_no_margin"].to_numpy(float))),
+        Signal("answer_margin", "top-1 minus top-2 log-probability at the first answer token (any short answer)", +1,
+               "greedy", _first_of_list("token_margin")),
         Signal("answer_logprob", "mean log-probability of the generated tokens (P_tok)", +1, "greedy", _mean_list("token_logprob")),
         Signal("answer_entropy", "mean entropy of the next-token distribution over the answer", -1, "greedy",
                _mean_list("token_entropy")),
