@@ -146,9 +146,9 @@ def test_the_cli_names_a_bad_row_by_line(tiny_model_dir, tiny_benchmark, tmp_pat
 
 
 def test_question_splits_read_pope_and_task_files_as_the_cli_and_the_chapters_do(tiny_benchmark, tmp_path):
-    """One entry point (``features.question_splits``): a split per file named by its setting, the default task added
-    beside a task file, ``limit`` per file; a bad row named by file and line; two files of one name refused."""
-    from vrp_utils.extract.features import chapter_questions, question_splits
+    """One entry point (``question_splits``): a split per file named by its setting, the default task added beside a
+    task file, ``limit`` per file; a bad row named by file and line; two files of one name refused."""
+    from vrp_utils.data.questions import chapter_questions, question_splits
 
     images = tiny_benchmark / "images"
     mine = _write(tmp_path / "mine.jsonl", [GOOD, GOOD | {"question_id": 2, "answer": 0}, GOOD | {"question_id": 3}])

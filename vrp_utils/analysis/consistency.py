@@ -294,7 +294,8 @@ def _pool_job(model: str, settings: tuple[str, ...], limit: int | None, pool: in
               image_dir: str | None = None) -> str:
     import torch
 
-    from vrp_utils.extract.features import open_features, question_splits
+    from vrp_utils.data.questions import question_splits
+    from vrp_utils.extract.features import open_features
 
     torch.set_num_threads(1)  # one thread per model, as `make features`: bytes independent of the machine's cores
     if questions is not None:  # the chapter's question files, read again here: the same splits, so the same store
@@ -327,10 +328,10 @@ def build_pools(models: Sequence[str], settings: tuple[str, ...], limit: int | N
     ``device`` in ``dtype`` (those the chapter opened the models' features with).
 
     ``questions`` and ``image_dir``: the question files the chapter read instead of the embedded benchmark's
-    ``settings`` (:func:`vrp_utils.extract.features.question_splits`, with ``limit``). Each worker reads them again
+    ``settings`` (:func:`vrp_utils.data.questions.question_splits`, with ``limit``). Each worker reads them again
     (paths travel to a worker, datasets do not), so it opens the very features, and pool, the chapter opens.
     """
-    from vrp_utils.extract.features import parse_question_files
+    from vrp_utils.data.questions import parse_question_files
 
     files = None if questions is None else tuple(str(path.resolve()) for path in parse_question_files(questions))
     folder = None if image_dir is None else str(Path(image_dir).resolve())

@@ -27,6 +27,9 @@ from typing import Any
 import pandas as pd
 
 from vrp_utils.data.benchmark import SETTINGS
+from vrp_utils.data.questions import (  # noqa: F401 - chapter_questions, question_splits: re-exported
+    chapter_questions, file_state, question_splits,
+)
 from vrp_utils.extract.engine import (
     ExtractionSettings, Intervention, code_version, dataset_fingerprint, extract, store_settings,
 )
@@ -133,14 +136,6 @@ def distinct_inputs(splits: Mapping[str, Any]) -> tuple[Any, pd.DataFrame]:
     return dataset, pd.DataFrame.from_records(records)
 
 
-def _file_state(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
-
-
 @functools.lru_cache(maxsize=16)
 def _load_setting(setting: str, benchmark_dir: Path, state: tuple) -> Any:
     from vrp_utils.data.pope import load_benchmark
@@ -160,94 +155,9 @@ def benchmark_splits(settings: Sequence[str], limit: int | None = None, benchmar
     root = Path(benchmark_dir).resolve()
     for setting in settings:
         files = (root / f"pope_{setting}.jsonl", root / "boxes.jsonl", root / "images")
-        split = _load_setting(setting, root, tuple(_file_state(f) for f in files))
+        split = _load_setting(setting, root, tuple(file_state(f) for f in files))
         splits[setting] = split.select(range(min(limit, len(split)))) if limit is not None else split
     return splits
-
-
-def parse_question_files(questions: str | Path | Sequence[str | Path]) -> tuple[Path, ...]:
-    """A comma-separated string (a notebook parameter), one path or a list -> the question files, in order."""
-    if isinstance(questions, str):
-        paths = [Path(part.strip()) for part in questions.split(",") if part.strip()]
-    elif isinstance(questions, Path):
-        paths = [questions]
-    else:
-        paths = [Path(q) for q in questions]
-    if not paths:
-        raise ValueError("no question file given: pass POPE or task files (JSON Lines), comma-separated")
-    return tuple(paths)
-
-
-@functools.lru_cache(maxsize=16)
-def _load_question_file(path: Path, image_dir: Path, where: tuple, state: tuple) -> Any:
-    """``path`` with ``image_dir`` as given (errors name them so); ``where`` (both resolved) and ``state`` key the cache."""
-    from vrp_utils.data.questions import load_question_file
-
-    return load_question_file(path, image_dir)
-
-
-def question_splits(paths: str | Path | Sequence[str | Path], image_dir: str | Path | None,
-                    limit: int | None = None) -> dict[str, Any]:
-    """Question files (POPE's format or task files, each told by its first row) -> one split per file.
-
-    Each split is named by its file's setting (``random``/``popular``/``adversarial`` in the file name, else the
-    file's stem; :func:`vrp_utils.data.pope.load_pope`); two files of one name are refused. Where any file is a
-    task file, the others get the default task (:func:`vrp_utils.data.questions.add_default_task`). Every row is
-    checked first: a bad one raises :class:`~vrp_utils.data.pope.PopeFormatError` naming the file and its line.
-    ``limit`` keeps each file's first questions. One entry point for the extraction CLI (``--questions``) and the
-    chapters (parameter ``questions``), so both read the same splits, and so the same store. A file is read once per
-    process while it and the image folder are unchanged.
-    """
-    from vrp_utils.data.questions import add_default_task
-
-    if image_dir is None or str(image_dir) == "":
-        raise ValueError("question files need the folder their images are in (image_dir)")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be None (all questions) or an integer >= 1, got {limit!r}")
-    image_dir = Path(image_dir)
-    splits: dict[str, Any] = {}
-    files: dict[str, Path] = {}
-    for path in parse_question_files(paths):
-        for kind, wanted, found in (("question file", path, path.is_file()), ("image folder", image_dir, image_dir.is_dir())):
-            if not found:
-                raise FileNotFoundError(f"{kind} not found: {wanted}"
-                                        + ("" if wanted.is_absolute() else f" (relative paths are read from {Path.cwd()})"))
-        where = (path.resolve(), image_dir.resolve())
-        split = _load_question_file(path, image_dir, where, tuple(_file_state(p) for p in where))
-        name = split.select_columns(["setting"])[0]["setting"] if len(split) else str(path)
-        if name in splits:
-            raise ValueError(f"two question files give the setting {name!r}: {files[name]} and {path}; rename one "
-                             "(a split is named by its file: random/popular/adversarial in the name, else the stem)")
-        splits[name], files[name] = split, path
-    splits = add_default_task(splits)
-    if limit is not None:
-        splits = {name: split.select(range(min(limit, len(split)))) for name, split in splits.items()}
-    return splits
-
-
-def chapter_questions(settings: str | Sequence[str], limit: int | None, questions: str | Sequence[str] | None = None,
-                      image_dir: str | Path | None = None) -> tuple[tuple[str, ...], dict[str, Any] | None]:
-    """A chapter's questions from its parameters: ``(split names, splits)``, checked before any work.
-
-    Without ``questions``: the embedded benchmark's ``settings`` (:func:`parse_settings`) and ``None`` (then
-    :func:`open_features` reads the benchmark, as always). With ``questions`` (question files, comma-separated) and
-    ``image_dir``: every file read and checked (:func:`question_splits`; a bad row is named by file and line) and
-    its splits. Refused: ``questions`` without ``image_dir``, ``image_dir`` without ``questions``, and ``settings``
-    other than ``"all"`` beside ``questions`` (the files are the settings then).
-    """
-    if questions is None:
-        if image_dir is not None:
-            raise ValueError(f"image_dir ({image_dir}) is read only with questions: pass the question files too, "
-                             "or leave image_dir out to read the embedded benchmark")
-        return parse_settings(settings), None
-    if image_dir is None:
-        raise ValueError(f"questions ({questions}) needs image_dir: the folder the files' images are in, "
-                         "e.g. -p image_dir data/benchmark/images")
-    if settings != "all":
-        raise ValueError(f"settings ({settings!r}) chooses the embedded benchmark's settings; with questions every "
-                         "file is read (one split per file): leave settings at 'all'")
-    splits = question_splits(questions, image_dir, limit)
-    return tuple(splits), splits
 
 
 @dataclass

@@ -293,8 +293,9 @@ def _slice_fingerprint(dataset: Any, ids: list[str], shard_ids: Sequence[str]) -
 # ---------------------------------------------------------------------------------------------------- CLI
 def _dataset(args: argparse.Namespace):
     """The examples the CLI was asked for: benchmark settings, or POPE and task question files
-    (:func:`vrp_utils.extract.features.question_splits`), optionally as distinct inputs."""
-    from vrp_utils.extract.features import benchmark_splits, distinct_inputs, parse_settings, question_splits
+    (:func:`vrp_utils.data.questions.question_splits`), optionally as distinct inputs."""
+    from vrp_utils.data.questions import question_splits
+    from vrp_utils.extract.features import benchmark_splits, distinct_inputs, parse_settings
 
     if args.questions:
         if not args.image_dir:
