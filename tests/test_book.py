@@ -364,7 +364,7 @@ def test_each_chapter_ends_with_rerun_commands_the_runner_accepts(name):
         assert not _run_command_problems(args), _run_command_problems(args)
 
 
-@pytest.mark.parametrize("page", ["book/rerun.md", "README.md"])
+@pytest.mark.parametrize("page", ["book/rerun.md", "README.md", "data/README.md"])
 def test_rerun_commands_of_the_book_and_readme_are_accepted(page):
     commands = _run_commands((REPO_ROOT / page).read_text())
     assert commands, f"{page} shows no runner command"

@@ -30,8 +30,9 @@ def carded_tiny_model(tiny_model_dir, tiny_benchmark, tmp_path_factory):
     from vrp_utils.models import zoo
     from vrp_utils.models.loading import load_model
 
+    # a Qwen2-VL (36 image tokens: the cheapest chapter run) whose vocabulary also knows counting questions
     model_dir = tmp_path_factory.mktemp("carded") / "tiny-qwen2-vl"
-    shutil.copytree(tiny_model_dir("zoo-qwen2-vl"), model_dir)
+    shutil.copytree(tiny_model_dir("count-qwen2_vl"), model_dir)
     loaded = load_model(model_dir)
     splits = {s: load_benchmark(s, tiny_benchmark) for s in SETTINGS}
     metrics = zoo.evaluate(loaded.model, loaded.processor, loaded.adapter, splits, progress=False)
@@ -122,20 +123,53 @@ def test_every_chapter_flags_its_weak_models_in_captions_and_tables(name):
             assert "flags.footnote(weak" in cell, f"{name}: a table without the weak-model footnote: {tables[0].strip()}"
 
 
-def test_a_chapter_run_on_a_weak_tiny_model_flags_it_under_its_tables(carded_tiny_model, tiny_data_dir, tmp_path):
-    """Chapter 04 run for real on the tiny benchmark with the carded tiny model (below the band): the executed page
-    carries the weak-model note under its tables, naming the model and why."""
+def _counting_file(benchmark, path):
+    """Counting questions on the tiny benchmark's eval images, answered from its boxes (as the sample in
+    data/README.md), and one in a word the tiny model lacks ("umbrellas"): an error row, to be counted."""
+    from collections import Counter
+
+    rows = []
+    for line in (benchmark / "boxes.jsonl").read_text().splitlines():
+        image = json.loads(line)
+        if image["split"] == "eval":
+            counts = Counter(o["category"] for o in image["objects"])
+            rows += [{"question": f"How many {o}s are there in the image?", "image": image["image"], "answer": counts[o],
+                      "task": "counting"} for o in ("banana", "tree", "apple", "lamp")]
+    rows.append({"question": "How many umbrellas are there in the image?", "image": rows[0]["image"], "answer": 1,
+                 "task": "counting"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path, len(rows)
+
+
+def _chapter_04(model_dir, data_dir, out, *parameters):
     import os
     import subprocess
     import sys
 
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "VRP_DATA_DIR": str(data_dir)}
+    return subprocess.run([sys.executable, "-m", "vrp_utils.run", "04_self_consistency", "-p", "models", str(model_dir),
+                           "-p", "n_boot", "50", "-p", "cost_inputs", "4", "-p", "k_sweep", "1-4", "-p", "pool", "10",
+                           *parameters, "--output-dir", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_a_chapter_run_on_a_weak_tiny_model_flags_it_under_its_tables(carded_tiny_model, tiny_data_dir, tmp_path):
+    """Chapter 04 run for real, with the carded tiny model (below the band), on a question file by parameter (issue
+    25): the tiny benchmark's random POPE file and a counting file. The executed page carries the weak-model note
+    under its tables, naming the model and why; it reports the counting task with its n and its error row; the
+    pool built for the question files is the one the chapter reads (one greedy and one pool store)."""
     import nbformat
 
+    from vrp_utils.extract.engine import dataset_fingerprint
+    from vrp_utils.data.questions import question_splits
+    from vrp_utils.extract.features import distinct_inputs
+
     model_dir, metrics = carded_tiny_model
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "VRP_DATA_DIR": str(tiny_data_dir)}
-    done = subprocess.run([sys.executable, "-m", "vrp_utils.run", "04_self_consistency", "-p", "models", str(model_dir),
-                           "-p", "n_boot", "50", "-p", "cost_inputs", "4", "-p", "k_sweep", "1-4", "-p", "pool", "10",
-                           "--output-dir", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    benchmark = tiny_data_dir / "benchmark"
+    counts, n_counting = _counting_file(benchmark, tmp_path / "my_counts.jsonl")
+    questions = f"{benchmark / 'pope_random.jsonl'},{counts}"
+    done = _chapter_04(model_dir, tiny_data_dir, tmp_path / "run", "-p", "questions", questions,
+                       "-p", "image_dir", str(benchmark / "images"))
     assert done.returncode == 0, done.stderr[-2000:]
     executed = nbformat.read(next(tmp_path.rglob("04_self_consistency.ipynb")), as_version=4)
     shown = [o.get("data", {}).get("text/markdown", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
@@ -143,3 +177,25 @@ def test_a_chapter_run_on_a_weak_tiny_model_flags_it_under_its_tables(carded_tin
     tables = [text for text in shown if text.lstrip().startswith("|")]
     assert tables and len(notes) >= len(tables), (len(notes), len(tables))
     assert all(str(model_dir) in text and "below the zoo's band" in text for text in notes)
+
+    results = json.loads((tmp_path / "run" / "04_self_consistency.json").read_text())["results"]
+    presence, counting = results["tasks"]
+    assert (presence["task"], presence["questions"], presence["error_rows"], presence["n"]) == ("presence", 24, 0, 24)
+    assert (counting["task"], counting["questions"], counting["error_rows"]) == ("counting", n_counting, 1)
+    assert counting["n"] == counting["distinct"] - 1 == n_counting - 1
+    assert counting["errors"].startswith("1 x ValueError: ") and "outside the tokenizer's vocabulary" in counting["errors"]
+    assert any(f"| counting | {n_counting} | 1 | {n_counting} | {n_counting - 1} |" in text for text in tables)
+    scored = {(a["scope"], a["n"]) for a in results["association"]}
+    assert {("task: counting", n_counting - 1), ("task: presence", 24), ("my_counts", n_counting - 1)} <= scored
+    assert {p["task"] for p in results["per_input"]} == {"presence", "counting"}
+    dataset_fp = dataset_fingerprint(distinct_inputs(question_splits(questions, benchmark / "images"))[0])
+    assert len(list((tiny_data_dir / "features").glob(f"*__{dataset_fp}-*"))) == 2  # greedy + pool, none twice
+
+    # A malformed row: the run fails in the setup cell, before any model is opened, naming the file and its line.
+    bad = counts.with_name("bad_counts.jsonl")
+    bad.write_text(counts.read_text().replace('"answer": 1,', '"answer": "a few",', 1))
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if "a few" in text)
+    failed = _chapter_04(model_dir, tiny_data_dir, tmp_path / "bad", "-p", "questions", str(bad),
+                         "-p", "image_dir", str(benchmark / "images"))
+    assert failed.returncode == 1
+    assert f"{bad}, line {line}: bad answer for a counting question" in failed.stderr, failed.stderr[-2000:]

@@ -143,3 +143,32 @@ def test_the_cli_names_a_bad_row_by_line(tiny_model_dir, tiny_benchmark, tmp_pat
     err = capsys.readouterr().err
     assert f"error: {path}, line 2: bad answer for a counting question" in err and "Traceback" not in err
     assert not (tmp_path / "features").exists()
+
+
+def test_question_splits_read_pope_and_task_files_as_the_cli_and_the_chapters_do(tiny_benchmark, tmp_path):
+    """One entry point (``question_splits``): a split per file named by its setting, the default task added beside a
+    task file, ``limit`` per file; a bad row named by file and line; two files of one name refused."""
+    from vrp_utils.data.questions import chapter_questions, question_splits
+
+    images = tiny_benchmark / "images"
+    mine = _write(tmp_path / "mine.jsonl", [GOOD, GOOD | {"question_id": 2, "answer": 0}, GOOD | {"question_id": 3}])
+    pope = tiny_benchmark / "pope_random.jsonl"
+    splits = question_splits(f"{pope},{mine}", images, limit=2)
+    assert list(splits) == ["random", "mine"] and [len(s) for s in splits.values()] == [2, 2]
+    assert splits["random"]["task"] == ["presence"] * 2 and splits["mine"]["label"] == ["2", "0"]
+    assert chapter_questions("all", 2, [str(pope), str(mine)], str(images))[0] == ("random", "mine")
+    assert chapter_questions("random", None) == (("random",), None)  # no files: the embedded benchmark, as always
+    bad = _write(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "question_id": 5, "answer": "a few"}])
+    with pytest.raises(PopeFormatError, match=rf"^{re.escape(str(bad))}, line 2: bad answer for a counting question"):
+        question_splits([bad], images)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ValueError, match="two question files give the setting 'mine'"):
+        question_splits([mine, _write(other / "mine.jsonl", [GOOD])], images)
+    for args, problem in [((mine, None), "needs image_dir"), ((None, images), "image_dir .* is read only with questions"),
+                          ((mine, images, "random"), "with questions every file is read")]:
+        questions, folder, *settings = args
+        with pytest.raises(ValueError, match=problem):
+            chapter_questions(settings[0] if settings else "all", None, questions, folder)
+    with pytest.raises(FileNotFoundError, match="question file not found: nowhere.jsonl \\(relative paths are read from"):
+        question_splits("nowhere.jsonl", images)

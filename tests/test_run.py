@@ -140,6 +140,25 @@ def test_values_are_coerced_to_the_default_type(demo):
     assert isinstance(coerced["rate"], float)
 
 
+def test_a_none_parameter_declared_str_takes_text(tmp_path):
+    """``questions: str = None``: a file name is taken as text (not read as a Python literal); an undeclared None
+    parameter still takes only literals, so a typo there stays an error."""
+    notebook = run.read_notebook(write_notebook(tmp_path / "files.md", """
+        ```{code-cell}
+        :tags: [parameters]
+
+        questions: str = None  # question files, comma-separated
+        limit = None           # questions per file
+        ```
+        """))
+    assert run.check_parameters(notebook, {"questions": "my_counts.jsonl,b.jsonl", "limit": "8"}, "files") == {
+        "questions": "my_counts.jsonl,b.jsonl", "limit": 8}
+    with pytest.raises(run.NotebookParameterError, match="'limit' expects a Python literal"):
+        run.check_parameters(notebook, {"limit": "my_counts.jsonl"}, "files")
+    with pytest.raises(run.NotebookParameterError, match=r"questions \(str or None, default None\)"):
+        run.check_parameters(notebook, {"typo": "1"}, "files")
+
+
 def test_run_writes_executed_notebook_and_results(demo, tmp_path):
     out = tmp_path / "out"
     record = run.execute(demo, {"n": "4"}, output_dir=out, results_dir=out, progress=False)

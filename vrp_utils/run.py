@@ -89,11 +89,25 @@ def notebook_parameters(notebook) -> dict[str, NotebookParameter]:
     return params
 
 
+#: Declared types (``name: str = None`` in a parameters cell, as papermill reads them) of a parameter whose default is
+#: None but whose value is text, e.g. a file name: a command-line value is taken as it is, not read as a literal.
+TEXT_TYPES = ("str", "Optional[str]")
+
+
+def _type_label(param: NotebookParameter) -> str:
+    """The parameter's type as a reader should see it: the default's, or the declared one where the default is None."""
+    if param.default is None and param.type_name in TEXT_TYPES:
+        return "str or None"
+    return type(param.default).__name__
+
+
 def _coerce(raw: Any, param: NotebookParameter) -> Any:
     """Convert a command-line string to the type of the parameter's default, or refuse."""
     default = param.default
     if not isinstance(raw, str):
         value = raw
+    elif default is None and param.type_name in TEXT_TYPES:
+        return raw
     elif isinstance(default, bool):
         lowered = raw.strip().lower()
         if lowered not in {"true", "false", "1", "0", "yes", "no"}:
@@ -130,7 +144,7 @@ def _coerce(raw: Any, param: NotebookParameter) -> Any:
 def check_parameters(notebook, given: dict[str, Any], notebook_name: str) -> dict[str, Any]:
     """Validate names and types of ``given``; return the coerced values."""
     params = notebook_parameters(notebook)
-    valid = ", ".join(f"{p.name} ({type(p.default).__name__}, default {p.default!r})" for p in params.values())
+    valid = ", ".join(f"{p.name} ({_type_label(p)}, default {p.default!r})" for p in params.values())
     unknown = sorted(set(given) - set(params))
     if unknown:
         raise NotebookParameterError(
@@ -281,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         source = resolve_notebook(args.notebook)
         if args.list_parameters:
             for p in notebook_parameters(read_notebook(source)).values():
-                print(f"{p.name} = {p.default!r}  ({type(p.default).__name__}) {p.help}")
+                print(f"{p.name} = {p.default!r}  ({_type_label(p)}) {p.help}")
             return 0
         given: dict[str, Any] = {}
         for name, value in args.parameter:

@@ -29,7 +29,9 @@ classes are yes and no with p = (q, 1 - q), and the binomial form above is the s
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -251,9 +253,7 @@ def _is_presence(frame: pd.DataFrame) -> np.ndarray:
     """Which inputs are presence questions (all, in a frame without a ``task`` column: POPE stores)."""
     from vrp_utils.data.tasks import DEFAULT_TASK
 
-    if "task" not in frame.columns:
-        return np.ones(len(frame), dtype=bool)
-    return (frame["task"].fillna(DEFAULT_TASK) == DEFAULT_TASK).to_numpy()
+    return (_task_of(frame) == DEFAULT_TASK).to_numpy(dtype=bool)
 
 
 def decision_violations(frame: pd.DataFrame) -> dict[str, int]:
@@ -290,13 +290,19 @@ def consistency_frame(frame: pd.DataFrame, k: int, k_sweep: Sequence[int]) -> pd
 
 
 def _pool_job(model: str, settings: tuple[str, ...], limit: int | None, pool: int, temperature: float, top_p: float,
-              seed: int, device: str = "cpu", dtype: str = "float32") -> str:
+              seed: int, device: str = "cpu", dtype: str = "float32", questions: tuple[str, ...] | None = None,
+              image_dir: str | None = None) -> str:
     import torch
 
+    from vrp_utils.data.questions import question_splits
     from vrp_utils.extract.features import open_features
 
     torch.set_num_threads(1)  # one thread per model, as `make features`: bytes independent of the machine's cores
-    features = open_features(model, settings, limit, progress=False, device=device, dtype=dtype)
+    if questions is not None:  # the chapter's question files, read again here: the same splits, so the same store
+        features = open_features(model, splits=question_splits(questions, image_dir, limit), progress=False,
+                                 device=device, dtype=dtype)
+    else:
+        features = open_features(model, settings, limit, progress=False, device=device, dtype=dtype)
     frame = open_samples(features, pool, temperature, top_p, seed, progress=False)
     return frame.attrs["store"]
 
@@ -316,7 +322,90 @@ def missing_pools(features: dict, pool: int, temperature: float, top_p: float, s
 
 
 def build_pools(models: Sequence[str], settings: tuple[str, ...], limit: int | None, pool: int, temperature: float,
-                top_p: float, seed: int = 0, jobs: int = 2, *, device: str = "cpu", dtype: str = "float32") -> None:
+                top_p: float, seed: int = 0, jobs: int = 2, *, device: str = "cpu", dtype: str = "float32",
+                questions: str | Sequence[str | Path] | None = None, image_dir: str | Path | None = None) -> None:
     """Extract the sample pools of ``models``, ``jobs`` models side by side (worker processes, one thread each), on
-    ``device`` in ``dtype`` (those the chapter opened the models' features with)."""
-    side_by_side(_pool_job, [(m, settings, limit, pool, temperature, top_p, seed, device, dtype) for m in models], jobs)
+    ``device`` in ``dtype`` (those the chapter opened the models' features with).
+
+    ``questions`` and ``image_dir``: the question files the chapter read instead of the embedded benchmark's
+    ``settings`` (:func:`vrp_utils.data.questions.question_splits`, with ``limit``). Each worker reads them again
+    (paths travel to a worker, datasets do not), so it opens the very features, and pool, the chapter opens.
+    """
+    from vrp_utils.data.questions import parse_question_files
+
+    files = None if questions is None else tuple(str(path.resolve()) for path in parse_question_files(questions))
+    folder = None if image_dir is None else str(Path(image_dir).resolve())
+    side_by_side(_pool_job, [(m, settings, limit, pool, temperature, top_p, seed, device, dtype, files, folder)
+                             for m in models], jobs)
+
+
+def _reasons(errors: pd.DataFrame) -> str:
+    """Error rows by reason, most frequent first: ``"4 x ValueError: ... ('<question>') has words outside ..."``
+    (each row's own question text replaced, so that rows failing for one reason count together)."""
+    reasons: Counter = Counter()
+    questions = errors["question"] if "question" in errors else [None] * len(errors)
+    for reason, question in zip(errors["error"].astype(str), questions):
+        if isinstance(question, str) and question:
+            reason = reason.replace(repr(question), "'<question>'").replace(question, "<question>")
+        reasons[reason[:200]] += 1
+    return "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
+
+
+def task_counts(features: Mapping[str, Any], per_input: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per model and task: how many questions were read, how many were error rows, how many inputs are scored.
+
+    Columns: ``questions`` (rows of the question files), ``error_rows`` (those the model gave no answer for: an
+    unknown word, an unreadable image; the store's error rows, counted, never dropped unseen), ``distinct``
+    (distinct inputs among the questions), ``n`` (distinct inputs scored here: a greedy answer and a sample pool)
+    and ``errors`` (the error rows by reason, :func:`_reasons`). Tasks come from the store's ``task`` column (rows
+    without one are presence questions), presence first.
+    """
+    rows = []
+    for name, f in features.items():
+        joined = pd.concat([f.table, f.errors], ignore_index=True)
+        task, scored_task = _task_of(joined), _task_of(per_input[name])
+        for name_of_task in _in_order(task):
+            mine = joined[task == name_of_task]
+            failed = mine[mine["error"].notna()]
+            rows.append({"model": name, "task": name_of_task, "questions": int(len(mine)), "error_rows": int(len(failed)),
+                         "distinct": int(mine["distinct_id"].nunique()), "n": int((scored_task == name_of_task).sum()),
+                         "errors": _reasons(failed)})
+    return pd.DataFrame(rows, columns=["model", "task", "questions", "error_rows", "distinct", "n", "errors"])
+
+
+def check_answered(features: Mapping[str, Any]) -> None:
+    """Refuse, naming it, a model whose answers cover fewer than two images (every interval here resamples images):
+    e.g. one whose every counting question is an error row (words its vocabulary lacks). Its questions, error rows
+    and their reasons are counted in the message; nothing is dropped unseen."""
+    for name, f in features.items():
+        answered = f.distinct
+        if answered["image_file"].nunique() >= 2:
+            continue
+        errors = f.errors
+        raise ValueError(f"{name} answered {len(answered)} distinct input(s), on {answered['image_file'].nunique()} "
+                         f"image(s), of {len(f.membership)} questions; {len(errors)} are error rows"
+                         + (f" ({_reasons(errors)})" if len(errors) else "")
+                         + ". Its intervals resample images, so it needs answers on at least 2 images: leave it out, "
+                         "or ask it questions it can read")
+
+
+def task_scopes(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``{"task: <name>": rows}`` of a per-input frame, one scope per task it holds (presence first)."""
+    task = _task_of(frame)
+    return {f"task: {name}": frame[task == name] for name in _in_order(task)}
+
+
+def _task_of(frame: pd.DataFrame) -> pd.Series:
+    """Each row's task (the default, presence, where the frame has no ``task`` column or a row names none)."""
+    from vrp_utils.data.tasks import DEFAULT_TASK
+
+    if "task" not in frame.columns:
+        return pd.Series(DEFAULT_TASK, index=frame.index, dtype=object)
+    return frame["task"].fillna(DEFAULT_TASK)
+
+
+def _in_order(task: pd.Series) -> list[str]:
+    """The tasks present, presence first, then by name."""
+    from vrp_utils.data.tasks import DEFAULT_TASK
+
+    return sorted(set(task), key=lambda t: (t != DEFAULT_TASK, t))

@@ -17,12 +17,15 @@ Rows are validated and named exactly as POPE rows are (:func:`vrp_utils.data.pop
 raises :class:`~vrp_utils.data.pope.PopeFormatError` naming the file, ``line N`` and the problem, or with
 ``on_error="skip"`` is skipped and counted in a :class:`~vrp_utils.data.pope.LoadReport`.
 :func:`load_question_file` reads either format: a file whose first row has a ``task`` key is a task file.
+:func:`question_splits` reads several files into one split each (the extraction CLI's ``--questions``, a chapter's
+``questions`` parameter), :func:`chapter_questions` a chapter's parameters into those splits.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +37,8 @@ from vrp_utils.data.pope import (
 )
 from vrp_utils.data.tasks import DEFAULT_TASK, TASKS
 
-__all__ = ["TASK_FEATURES", "add_default_task", "load_question_file", "load_questions", "question_file_format"]
+__all__ = ["TASK_FEATURES", "add_default_task", "chapter_questions", "load_question_file", "load_questions",
+           "question_file_format", "question_splits"]
 
 #: Column types of a loaded task file: POPE's columns plus the task.
 TASK_FEATURES = datasets.Features({**FEATURES, "task": datasets.Value("string")})
@@ -154,3 +158,99 @@ def add_default_task(splits: Mapping[str, datasets.Dataset]) -> dict[str, datase
     return {name: split if "task" in split.column_names else
             split.add_column("task", [DEFAULT_TASK] * len(split))
             for name, split in splits.items()}
+
+
+# --------------------------------------------------------------------- splits for the CLI and the chapters
+def file_state(path: Path) -> tuple[int, int] | None:
+    """(modification time, size) of a file or folder, None where absent: a cache key that changes with it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def parse_question_files(questions: str | Path | Sequence[str | Path]) -> tuple[Path, ...]:
+    """A comma-separated string (a notebook parameter), one path or a list -> the question files, in order."""
+    if isinstance(questions, str):
+        paths = [Path(part.strip()) for part in questions.split(",") if part.strip()]
+    elif isinstance(questions, Path):
+        paths = [questions]
+    else:
+        paths = [Path(q) for q in questions]
+    if not paths:
+        raise ValueError("no question file given: pass POPE or task files (JSON Lines), comma-separated")
+    return tuple(paths)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_question_file(path: Path, image_dir: Path, where: tuple, state: tuple) -> Any:
+    """``path`` with ``image_dir`` as given (errors name them so); ``where`` (both resolved) and ``state`` key the cache."""
+    return load_question_file(path, image_dir)
+
+
+def question_splits(paths: str | Path | Sequence[str | Path], image_dir: str | Path | None,
+                    limit: int | None = None) -> dict[str, Any]:
+    """Question files (POPE's format or task files, each told by its first row) -> one split per file.
+
+    Each split is named by its file's setting (``random``/``popular``/``adversarial`` in the file name, else the
+    file's stem; :func:`vrp_utils.data.pope.load_pope`); two files of one name are refused. Where any file is a
+    task file, the others get the default task (:func:`add_default_task`). Every row is checked first: a bad one
+    raises :class:`~vrp_utils.data.pope.PopeFormatError` naming the file and its line. ``limit`` keeps each file's
+    first questions. One entry point for the extraction CLI (``--questions``) and the chapters (parameter
+    ``questions``), so both read the same splits, and so the same store. A file is read once per process while it
+    and the image folder are unchanged.
+    """
+    if image_dir is None or str(image_dir) == "":
+        raise ValueError("question files need the folder their images are in (image_dir)")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None (all questions) or an integer >= 1, got {limit!r}")
+    image_dir = Path(image_dir)
+    splits: dict[str, Any] = {}
+    files: dict[str, Path] = {}
+    for path in parse_question_files(paths):
+        for kind, wanted, found in (("question file", path, path.is_file()), ("image folder", image_dir, image_dir.is_dir())):
+            if not found:
+                raise FileNotFoundError(f"{kind} not found: {wanted}"
+                                        + ("" if wanted.is_absolute() else f" (relative paths are read from {Path.cwd()})"))
+        where = (path.resolve(), image_dir.resolve())
+        split = _load_question_file(path, image_dir, where, tuple(file_state(p) for p in where))
+        name = split.select_columns(["setting"])[0]["setting"] if len(split) else str(path)
+        if name in splits:
+            raise ValueError(f"two question files give the setting {name!r}: {files[name]} and {path}; rename one "
+                             "(a split is named by its file: random/popular/adversarial in the name, else the stem)")
+        splits[name], files[name] = split, path
+    splits = add_default_task(splits)
+    if limit is not None:
+        splits = {name: split.select(range(min(limit, len(split)))) for name, split in splits.items()}
+    return splits
+
+
+def chapter_questions(settings: str | Sequence[str], limit: int | None, questions: str | Sequence[str] | None = None,
+                      image_dir: str | Path | None = None) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+    """A chapter's questions from its parameters: ``(split names, splits)``, checked before any work.
+
+    Without ``questions``: the embedded benchmark's ``settings``
+    (:func:`vrp_utils.extract.features.parse_settings`) and ``None`` (then
+    :func:`~vrp_utils.extract.features.open_features` reads the benchmark, as always). With ``questions`` (question
+    files, comma-separated) and ``image_dir``: every file read and checked (:func:`question_splits`; a bad row is
+    named by file and line) and its splits. Refused: ``questions`` without ``image_dir``, ``image_dir`` without
+    ``questions``, and ``settings`` other than ``"all"`` beside ``questions`` (the files are the settings then).
+    Why here, on the data floor: a chapter calls it in the cell after its parameters, so a bad file fails in
+    about two seconds, before the extraction code (transformers: ~4 s to import) is loaded.
+    """
+    if questions is None:
+        from vrp_utils.extract.features import parse_settings
+
+        if image_dir is not None:
+            raise ValueError(f"image_dir ({image_dir}) is read only with questions: pass the question files too, "
+                             "or leave image_dir out to read the embedded benchmark")
+        return parse_settings(settings), None
+    if image_dir is None:
+        raise ValueError(f"questions ({questions}) needs image_dir: the folder the files' images are in, "
+                         "e.g. -p image_dir data/benchmark/images")
+    if settings != "all":
+        raise ValueError(f"settings ({settings!r}) chooses the embedded benchmark's settings; with questions every "
+                         "file is read (one split per file): leave settings at 'all'")
+    splits = question_splits(questions, image_dir, limit)
+    return tuple(splits), splits

@@ -27,6 +27,9 @@ from typing import Any
 import pandas as pd
 
 from vrp_utils.data.benchmark import SETTINGS
+from vrp_utils.data.questions import (  # noqa: F401 - chapter_questions, question_splits: re-exported
+    chapter_questions, file_state, question_splits,
+)
 from vrp_utils.extract.engine import (
     ExtractionSettings, Intervention, code_version, dataset_fingerprint, extract, store_settings,
 )
@@ -133,14 +136,6 @@ def distinct_inputs(splits: Mapping[str, Any]) -> tuple[Any, pd.DataFrame]:
     return dataset, pd.DataFrame.from_records(records)
 
 
-def _file_state(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
-
-
 @functools.lru_cache(maxsize=16)
 def _load_setting(setting: str, benchmark_dir: Path, state: tuple) -> Any:
     from vrp_utils.data.pope import load_benchmark
@@ -160,7 +155,7 @@ def benchmark_splits(settings: Sequence[str], limit: int | None = None, benchmar
     root = Path(benchmark_dir).resolve()
     for setting in settings:
         files = (root / f"pope_{setting}.jsonl", root / "boxes.jsonl", root / "images")
-        split = _load_setting(setting, root, tuple(_file_state(f) for f in files))
+        split = _load_setting(setting, root, tuple(file_state(f) for f in files))
         splits[setting] = split.select(range(min(limit, len(split)))) if limit is not None else split
     return splits
 

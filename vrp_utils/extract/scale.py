@@ -292,22 +292,15 @@ def _slice_fingerprint(dataset: Any, ids: list[str], shard_ids: Sequence[str]) -
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def _dataset(args: argparse.Namespace):
-    """The examples the CLI was asked for: benchmark settings, or POPE and task question files (each file's
-    format told by its first row, :func:`vrp_utils.data.questions.question_file_format`), optionally as
-    distinct inputs."""
-    from vrp_utils.data.questions import add_default_task, load_question_file
+    """The examples the CLI was asked for: benchmark settings, or POPE and task question files
+    (:func:`vrp_utils.data.questions.question_splits`), optionally as distinct inputs."""
+    from vrp_utils.data.questions import question_splits
     from vrp_utils.extract.features import benchmark_splits, distinct_inputs, parse_settings
 
     if args.questions:
         if not args.image_dir:
             raise ValueError("--questions needs --image-dir")
-        splits = {}
-        for questions in args.questions:
-            split = load_question_file(questions, args.image_dir)
-            splits[split.select_columns(["setting"])[0]["setting"] if len(split) else str(questions)] = split
-        splits = add_default_task(splits)
-        if args.limit is not None:
-            splits = {name: split.select(range(min(args.limit, len(split)))) for name, split in splits.items()}
+        splits = question_splits(args.questions, args.image_dir, args.limit)
     elif args.distinct:
         splits = benchmark_splits(parse_settings(args.split), args.limit)
     else:
