@@ -9,6 +9,9 @@ every run must be in the band of :func:`vrp_utils.models.release.band_problems`.
     .venv/bin/python benchmarks/zoo_recipe.py --out data/zoo-recipe --jobs 2
     # only the table, from retrains already on disk (any folder holding <model>/model_card.json)
     .venv/bin/python benchmarks/zoo_recipe.py --collect data/zoo-recipe
+    # the same, plus the runs an earlier table recorded (trained on another machine, their cards gone)
+    .venv/bin/python benchmarks/zoo_recipe.py --collect data/zoo-recipe --keep benchmarks/results/zoo_recipe_v2.json \
+        --results benchmarks/results/zoo_recipe_v2.json
 
 Writes ``benchmarks/results/zoo_recipe.json``.
 """
@@ -52,6 +55,27 @@ def collect(root: Path) -> list[dict]:
     return rows
 
 
+def short_cpu(cpu: str | None) -> str:
+    """The CPU's maker and line, for a table column ("Intel Xeon", "AMD EPYC")."""
+    words = [w for w in (cpu or "unknown").replace("(R)", "").replace("(TM)", "").split() if w != "Processor"]
+    return " ".join(words[:2])
+
+
+def table_rows(collected: list[dict], kept: list[dict], best: dict[str, float]) -> list[dict]:
+    """The table's runs: each collected card judged by the band, then each kept run (an earlier table's row, its
+    verdict as recorded) that no collected card repeats (same model, seed, kernel path and CPU); in table order."""
+    rows = []
+    for row in collected:
+        row = dict(row)
+        problems = band_problems({row["model"]: row.pop("card")}, best)
+        rows.append(row | {"in_band": not problems, "problems": problems})
+    key = lambda r: (r["model"], r["seed"], r["kernel"], r["cpu"])  # noqa: E731
+    repeated = {key(r) for r in rows}
+    rows += [r for r in kept if key(r) not in repeated]
+    return sorted(rows, key=lambda r: (list(ZOO).index(r["model"]), r["answer_steps"], r["seed"], r["cpu"] or "",
+                                       r["kernel"] or ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/zoo-recipe"))
@@ -61,25 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO), help="only these zoo models")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"where the table's JSON goes (default {RESULTS.name})")
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS), help="only these kernel paths")
+    parser.add_argument("--keep", type=Path, help="an earlier results file whose runs stay in the table (with the band "
+                        "verdict it recorded), unless a collected card is the same model, seed, kernel path and CPU")
     args = parser.parse_args(argv)
     root = args.collect or args.out
     if not args.collect:
         runs = list(itertools.product(args.models, args.offsets, args.kernels))
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda run: train(args.out, *run), runs))
-    rows = collect(root)
     best = best_baselines(_baseline_rows())
+    kept = json.loads(args.keep.read_text())["runs"] if args.keep else []
+    rows = table_rows(collect(root), kept, best)
     print(f"best shortcut baseline: {best}")
-    print("| model | seed | answer steps | kernel path | random | popular | adversarial | in band | build (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in sorted(rows, key=lambda r: (list(ZOO).index(r["model"]), r["answer_steps"], r["seed"], r["kernel"] or "")):
-        problems = band_problems({row["model"]: row["card"]}, best)
+    print("| model | seed | answer steps | CPU | kernel path | random | popular | adversarial | in band | build (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
         a = row["accuracy"]
-        print(f"| {row['model']} | {row['seed']} | {row['answer_steps']} | {row['kernel']} | {a['random']:.3f} | "
-              f"{a['popular']:.3f} | {a['adversarial']:.3f} | {'yes' if not problems else 'NO: ' + '; '.join(problems)} | "
-              f"{row['build_seconds']:.0f} |")
-        row["in_band"] = not problems
-        row.pop("card")
+        verdict = "yes" if row["in_band"] else "NO: " + "; ".join(row.get("problems") or ["outside the band"])
+        print(f"| {row['model']} | {row['seed']} | {row['answer_steps']} | {short_cpu(row['cpu'])} | {row['kernel']} | "
+              f"{a['random']:.3f} | {a['popular']:.3f} | {a['adversarial']:.3f} | {verdict} | {row['build_seconds']:.0f} |")
     args.results.write_text(json.dumps({"best_baselines": best, "runs": rows}, indent=1) + "\n")
     return 0
 
