@@ -189,7 +189,10 @@ def test_a_chapter_run_on_a_weak_tiny_model_flags_it_under_its_tables(carded_tin
     assert {("task: counting", n_counting - 1), ("task: presence", 24), ("my_counts", n_counting - 1)} <= scored
     assert {p["task"] for p in results["per_input"]} == {"presence", "counting"}
     dataset_fp = dataset_fingerprint(distinct_inputs(question_splits(questions, benchmark / "images"))[0])
-    assert len(list((tiny_data_dir / "features").glob(f"*__{dataset_fp}-*"))) == 2  # greedy + pool, none twice
+    stores = sorted(p.name for p in (tiny_data_dir / "features").glob(f"*__{dataset_fp}-*"))
+    assert len(stores) == 2  # greedy + pool, none twice
+    (pool_store,) = results["sample_stores"].values()  # the one model's pool store, named as on disk
+    assert pool_store in stores
 
     # A malformed row: the run fails in the setup cell, before any model is opened, naming the file and its line.
     bad = counts.with_name("bad_counts.jsonl")
