@@ -149,6 +149,14 @@ def test_presence_class_probabilities_give_todays_binomial_limit(tiny_loaded, ti
     np.testing.assert_array_equal(out["s_sc_limit"], consistency.limit_s_sc(q))
 
 
+def test_counting_limit_is_at_most_one_when_class_probabilities_drift_above_one():
+    frame = pd.DataFrame({"task": ["counting", "counting", "presence"]})
+    probs = [{"2": 1.0000001, "3": 0.0}, {"1": 0.25, "4": 0.5, "none": 0.25}, {"yes": 0.7, "no": 0.3}]
+    limit = consistency.limit_s_sc_by_task(frame, np.array([np.nan, np.nan, 0.7]), probs)
+    assert (limit <= 1.0).all(), limit
+    np.testing.assert_array_equal(limit, [1.0, 0.5, 0.7])
+
+
 def test_counting_limit_is_the_multinomial_of_class_probabilities_that_match_the_samples(tiny_loaded, tiny_benchmark):
     images = [p for p in sorted((tiny_benchmark / "images").glob("eval_*.png"))]
     from PIL import Image
@@ -174,5 +182,5 @@ def test_counting_limit_is_the_multinomial_of_class_probabilities_that_match_the
                                         10, [1, 10])
     matrix = consistency._as_matrix(probs)
     np.testing.assert_allclose(out["s_sc_expected"], consistency.expected_s_sc_multiclass(matrix, 10), atol=0)
-    np.testing.assert_allclose(out["s_sc_limit"], [max(p.values()) for p in probs])
+    np.testing.assert_allclose(out["s_sc_limit"], [max(p.values()) / sum(p.values()) for p in probs])
     assert out["q"].isna().all() and (out["expected@1"] == 1.0).all()

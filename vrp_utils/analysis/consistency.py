@@ -243,9 +243,13 @@ def expected_s_sc_by_task(frame: pd.DataFrame, q: np.ndarray, probs: Sequence[di
 
 
 def limit_s_sc_by_task(frame: pd.DataFrame, q: np.ndarray, probs: Sequence[dict[str, float]]) -> np.ndarray:
-    """S_SC at K = infinity per input: max(q, 1 - q) for presence, the largest class probability otherwise."""
+    """S_SC at K = infinity per input: max(q, 1 - q) for presence, the largest class probability otherwise.
+
+    The class probabilities are float32 softmax sums, so they are renormalised first (as :func:`_as_matrix`
+    does): unnormalised, a certain answer's limit came out as 1 + 1e-7.
+    """
     presence = _is_presence(frame)
-    largest = np.array([max(p.values(), default=float("nan")) for p in probs], dtype=float)
+    largest = np.array([max(p.values()) / sum(p.values()) if p else float("nan") for p in probs], dtype=float)
     return np.where(presence, limit_s_sc(q), largest)
 
 
