@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,6 +42,17 @@ def train(out: Path, name: str, offset: int, kernel: str) -> None:
                     "--out", str(target)], env=env, check=True, stdout=subprocess.DEVNULL)
 
 
+def rotary_base(config: dict) -> float:
+    """The language model's rotary base, from a saved ``config.json`` (all three families nest it in ``text_config``)."""
+    return float(config["text_config"]["rope_parameters"]["rope_theta"])
+
+
+def base_text(base: float) -> str:
+    """A rotary base as the recipe comments write it: ``1e4`` for a power of ten."""
+    power = math.log10(base)
+    return f"1e{power:.0f}" if power == round(power) else f"{base:g}"
+
+
 def collect(root: Path) -> list[dict]:
     rows = []
     for card_path in sorted(root.rglob("model_card.json")):
@@ -48,6 +60,7 @@ def collect(root: Path) -> list[dict]:
         provenance = card.get("provenance") or {}
         rows.append({
             "model": card["name"], "seed": card["spec"]["seed"], "answer_steps": card["spec"]["steps"],
+            "rotary_base": rotary_base(json.loads((card_path.parent / "config.json").read_text())),
             "kernel": provenance.get("cpu_capability"), "cpu": provenance.get("cpu"),
             "accuracy": {s: card["metrics"][s]["accuracy"] for s in ("random", "popular", "adversarial")},
             "build_seconds": card["training"]["build_seconds"], "card": card,
@@ -63,17 +76,18 @@ def short_cpu(cpu: str | None) -> str:
 
 def table_rows(collected: list[dict], kept: list[dict], best: dict[str, float]) -> list[dict]:
     """The table's runs: each collected card judged by the band, then each kept run (an earlier table's row, its
-    verdict as recorded) that no collected card repeats (same model, seed, kernel path and CPU); in table order."""
+    verdict as recorded) that no collected card repeats (same model, recipe, seed, kernel path and CPU); in table order.
+    A recipe is its answer steps and rotary base (the two it changed by), so a kept run of an earlier recipe stays."""
     rows = []
     for row in collected:
         row = dict(row)
         problems = band_problems({row["model"]: row.pop("card")}, best)
         rows.append(row | {"in_band": not problems, "problems": problems})
-    key = lambda r: (r["model"], r["seed"], r["kernel"], r["cpu"])  # noqa: E731
+    key = lambda r: (r["model"], r["answer_steps"], r["rotary_base"], r["seed"], r["kernel"], r["cpu"])  # noqa: E731
     repeated = {key(r) for r in rows}
     rows += [r for r in kept if key(r) not in repeated]
-    return sorted(rows, key=lambda r: (list(ZOO).index(r["model"]), r["answer_steps"], r["seed"], r["cpu"] or "",
-                                       r["kernel"] or ""))
+    return sorted(rows, key=lambda r: (list(ZOO).index(r["model"]), r["rotary_base"], r["answer_steps"], r["seed"],
+                                       r["cpu"] or "", r["kernel"] or ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     kept = json.loads(args.keep.read_text())["runs"] if args.keep else []
     rows = table_rows(collect(root), kept, best)
     print(f"best shortcut baseline: {best}")
-    print("| model | seed | answer steps | CPU | kernel path | random | popular | adversarial | in band | build (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | rotary base | answer steps | seed | CPU | kernel path | random | popular | adversarial | in band | build (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         a = row["accuracy"]
         verdict = "yes" if row["in_band"] else "NO: " + "; ".join(row.get("problems") or ["outside the band"])
-        print(f"| {row['model']} | {row['seed']} | {row['answer_steps']} | {short_cpu(row['cpu'])} | {row['kernel']} | "
+        print(f"| {row['model']} | {base_text(row['rotary_base'])} | {row['answer_steps']} | {row['seed']} | {short_cpu(row['cpu'])} | "
+              f"{row['kernel']} | "
               f"{a['random']:.3f} | {a['popular']:.3f} | {a['adversarial']:.3f} | {verdict} | {row['build_seconds']:.0f} |")
     args.results.write_text(json.dumps({"best_baselines": best, "runs": rows}, indent=1) + "\n")
     return 0
