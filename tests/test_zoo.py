@@ -151,6 +151,24 @@ def test_released_cards_are_what_the_released_weights_answer(name):
     assert features.error_counts()["distinct"] == 0
 
 
+def test_readme_names_the_machine_of_each_model_in_a_mixed_release(tmp_path):
+    import json
+
+    from vrp_utils.readme import zoo_block
+
+    cards = json.loads((ZOO_DIR / "zoo.json").read_text())["models"]
+    first = next(iter(cards))
+    for name, card in cards.items():
+        card["provenance"] = {**card["provenance"], "cpu": "CPU A" if name == first else "CPU B", "cpu_capability": "AVX2"}
+    (tmp_path / "zoo.json").write_text(json.dumps({"models": cards}))
+    rest = " and ".join(n for n in cards if n != first)
+    assert f"`make zoo`: {first} on CPU A (AVX2 kernels); {rest} on CPU B (AVX2 kernels), one" in zoo_block(tmp_path / "zoo.json")
+    for card in cards.values():
+        card["provenance"]["cpu"] = "CPU A"
+    (tmp_path / "zoo.json").write_text(json.dumps({"models": cards}))
+    assert "`make zoo` on CPU A (AVX2 kernels), one" in zoo_block(tmp_path / "zoo.json")
+
+
 @pytest.mark.built
 def test_readme_tables_match_the_build():
     import re

@@ -24,10 +24,15 @@ def zoo_block(zoo_json: Path = ZOO_DIR / "zoo.json") -> str:
 
     cards = json.loads(zoo_json.read_text())["models"]
     sizes = sorted({m["n"] for card in cards.values() for m in card["metrics"].values()})
-    machines = sorted({f"{c['provenance']['cpu']} ({c['provenance']['cpu_capability']} kernels)" for c in cards.values()})
+    # A release may mix machines (a model retrained alone): each machine names its models.
+    machines: dict[str, list[str]] = {}
+    for name, card in cards.items():
+        machines.setdefault(f"{card['provenance']['cpu']} ({card['provenance']['cpu_capability']} kernels)", []).append(name)
+    where = (f" on {next(iter(machines))}" if len(machines) == 1 else
+             ": " + "; ".join(f"{' and '.join(names)} on {machine}" for machine, names in sorted(machines.items())))
     return (
-        "The released zoo the book's figures come from (`zoo/`, trained by `make zoo` on "
-        f"{', '.join(machines)}, one CPU thread per model; POPE metrics of greedy answers parsed with POPE's rule, "
+        f"The released zoo the book's figures come from (`zoo/`, trained by `make zoo`{where}, one CPU thread per "
+        "model; POPE metrics of greedy answers parsed with POPE's rule, "
         f"{' / '.join(f'{n:,}' for n in sizes)} questions per setting):\n\n"
         + zoo_table(cards)
     )
