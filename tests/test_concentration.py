@@ -99,7 +99,10 @@ def test_ck_dbscan_counts_clusters_without_noise():
     for index in (0, 1, 8, 54, 55, 63, 30):  # two blocks of 3 and one isolated token
         p[index] = 1.0
     assert ck_dbscan(p / p.sum(), grid) == 2
-    assert ck_dbscan(np.full(16, 1 / 16), (4, 4)) == 0  # 2 top tokens < min_samples: no cluster can form
+    two = np.linspace(1.0, 2.0, 16)  # distinct values: the top ceil(1.6) = 2 tokens < min_samples, no cluster forms
+    assert ck_dbscan(two / two.sum(), (4, 4)) == 0
+    # a flat map ties every token at the cut: all 16 are kept (as the released 90th percentile keeps them), one cluster
+    assert ck_dbscan(np.full(16, 1 / 16), (4, 4)) == 1
 
 
 def test_scaling_a_map_changes_no_metric_after_renormalisation():
